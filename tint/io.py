@@ -1,0 +1,83 @@
+"""Atomic, resumable artifact I/O shared by every stage.
+
+Everything a stage writes goes through these helpers: data is written to a temporary
+file in the same folder and renamed into place, so a killed process never leaves a
+half-written artifact that a resumed run would trust.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tint.errors import TintError
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it onto `path` only on success."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as err:
+        raise TintError(f"{path}: file not found") from err
+    except json.JSONDecodeError as err:
+        raise TintError(f"{path}: not valid JSON ({err}); delete it to recompute") from err
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
+    """Save tensors as safetensors; `metadata` (JSON-able) is stored under the key 'tint'."""
+    meta = {"tint": json.dumps(metadata, default=str)} if metadata is not None else None
+    contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    with atomic_path(path) as tmp:
+        save_file(contiguous, str(tmp), metadata=meta)
+
+
+def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Load a safetensors file and the metadata saved by `save_tensors` (never unpickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise TintError(f"{path}: file not found")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        raw = handle.metadata() or {}
+    meta = json.loads(raw["tint"]) if "tint" in raw else None
+    return load_file(str(path)), meta
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch's intra-op threads (tests use 1: two busy 2-thread processes thrash)."""
+    if n:
+        torch.set_num_threads(n)
