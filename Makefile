@@ -1,6 +1,6 @@
 # tint: `make demo` runs the embedded default end to end, `make test` runs the tests.
 # Both set up .venv first (idempotent: a second run only checks a stamp file).
-PY ?= python3.11
+PY ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tint-installed
