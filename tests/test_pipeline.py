@@ -1,0 +1,191 @@
+"""`tint run` end to end on tiny data and tiny models, kill-and-resume, bad input, faults."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tint.cli import main
+from tint.config import config_from_dict
+from tint.errors import TintError
+from tint.io import load_tensors, set_threads
+from tint.pipeline import NonFiniteError, run_pipeline
+
+N_BASE, N_NOVEL, PER_CLASS, SIDE = 5, 3, 12, 32
+
+
+def write_tiny_dataset(root: Path) -> Path:
+    """8 classes x 12 images at 32x32: a class colour + a class-specific bar, with noise."""
+    rng = np.random.default_rng(0)
+    names = [f"class{i}" for i in range(N_BASE + N_NOVEL)]
+    for c, name in enumerate(names):
+        folder = root / name
+        folder.mkdir(parents=True)
+        colour = np.array([(c * 97) % 256, (c * 53 + 80) % 256, (c * 151 + 30) % 256])
+        for i in range(PER_CLASS):
+            image = np.full((SIDE, SIDE, 3), 255.0) * 0.2 + colour * 0.8
+            row = 4 + 3 * c
+            image[row:row + 3, 4:28] = 255 - colour
+            image += rng.normal(0, 12, image.shape)
+            Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    (root / "splits.json").write_text(json.dumps({"base": names[:N_BASE], "novel": names[N_BASE:]}))
+    return root
+
+
+def tiny_config(data_root: Path, run_dir: Path, **overrides) -> dict:
+    """3-way 2-shot, 2 episodes, tiny diffusion model, tiny ViT teacher, a few steps each."""
+    config = {
+        "name": "tiny",
+        "run_dir": str(run_dir),
+        "threads": 1,
+        "data": {"dataset": f"folder:{data_root}", "resolution": SIDE, "episodes": None,
+                 "n_way": 3, "k_shot": 2, "n_query": 3, "n_episodes": 2,
+                 "base_images_per_class": 6, "min_base_classes": 3, "min_base_images": 10},
+        "generator": {"name": "tint", "backbone": "tiny", "images_per_class": 4,
+                      "specialize": {"ti_steps": 2, "num_steps": 3, "nti_inner_steps": 1,
+                                     "bridge_steps": []},
+                      "generate": {"batch_size": 4, "progress": False}},
+        "teacher": {"name": "pmf", "backbone": "tiny-vit", "batch_size": 16,
+                    "meta_train": {"epochs": 1, "episodes_per_epoch": 2, "n_way": 3,
+                                   "k_shot": 2, "n_query": 2}},
+        "students": [{"name": "without-synthetic", "arch": "conv4", "sources": ["base", "support"]},
+                     {"name": "with-tint", "arch": "conv4", "sources": ["base", "synthetic", "support"]}],
+        "distill": {"iterations": 6, "batch_size": 12, "eval_every": 3, "checkpoint_every": 2,
+                    "lr_drop_at": 4},
+        "report": {"grid_images": 3},
+    }
+    for key, value in overrides.items():
+        node = config
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    set_threads(1)
+    return write_tiny_dataset(tmp_path_factory.mktemp("tiny_data"))
+
+
+@pytest.fixture(scope="module")
+def finished_run(data_root, tmp_path_factory) -> tuple[Path, dict]:
+    run_dir = tmp_path_factory.mktemp("run")
+    results = run_pipeline(config_from_dict(tiny_config(data_root, run_dir)))
+    return run_dir, results
+
+
+def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    out = {}
+    for path in sorted((run_dir / "artifacts" / "distill").glob("*/student.safetensors")):
+        tensors, _ = load_tensors(path)
+        out |= {f"{path.parent.name}/{k}": v for k, v in tensors.items()}
+    return out
+
+
+def test_tiny_run_writes_every_artifact(finished_run):
+    run_dir, results = finished_run
+    artifacts = run_dir / "artifacts"
+    assert (run_dir / "config.yaml").is_file() and (run_dir / "log.txt").is_file()
+    assert len(list((artifacts / "specialize").glob("*/*.safetensors"))) >= 3
+    manifests = list((artifacts / "generate").glob("*/manifest.jsonl"))
+    assert manifests and all(len(m.read_text().splitlines()) == 4 for m in manifests)
+    assert len(list((artifacts / "pseudo").glob("*/pseudo_labels.safetensors"))) == 2
+    assert len(list((artifacts / "distill").glob("*/student.safetensors"))) == 4  # 2 ep x 2
+    assert len(list((run_dir / "export").glob("ep*/*/*.onnx"))) == 4
+    assert len(list((run_dir / "export").glob("ep*/*/*.pt"))) == 4
+    assert (run_dir / "report.html").is_file()
+    assert (run_dir / "report" / "accuracy_curve.png").is_file()
+    for model in ("teacher", "without-synthetic", "with-tint"):
+        saved = json.loads((run_dir / "results" / f"{model}.json").read_text())
+        assert len(saved["accuracies"]) == 2
+        assert results["summary"][model]["n"] == 2
+        assert all(0 <= a <= 1 for a in saved["accuracies"])
+    # pseudo-labels are probabilities over the episode's 3 classes
+    labels, meta = load_tensors(next((artifacts / "pseudo").glob("*/pseudo_labels.safetensors")))
+    assert labels["base"].shape == (N_BASE * 6, 3) and labels["synthetic"].shape == (3 * 4, 3)
+    assert torch.allclose(labels["synthetic"].sum(1), torch.ones(12), atol=1e-5)
+    html = (run_dir / "report.html").read_text()
+    assert "Time per stage" in html and "Resolved config" in html and "with-tint" in html
+    assert results["timings"]["distill"] > 0
+
+
+def test_rerun_skips_every_stage(finished_run):
+    run_dir, results = finished_run
+    stamps = {p: p.stat().st_mtime_ns for p in run_dir.rglob("done.json")}
+    before = student_weights(run_dir)
+    rerun = run_pipeline(_config_of(run_dir))  # the resolved config it saved
+    assert {p: p.stat().st_mtime_ns for p in run_dir.rglob("done.json")} == stamps
+    assert rerun["summary"] == results["summary"]
+    after = student_weights(run_dir)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _config_of(run_dir: Path):
+    from tint.config import load_config
+
+    return load_config(run_dir / "config.yaml")
+
+
+class Killed(Exception):
+    """Stands in for a kill: raised from inside a stage."""
+
+
+@pytest.mark.parametrize("where", ["generate", "distill-step"])
+def test_killed_run_resumes_to_the_same_result(data_root, finished_run, tmp_path, where):
+    reference_dir, reference = finished_run
+    calls: list[str] = []
+
+    def kill(label, *step):
+        calls.append(label)
+        if where == "generate" and len(calls) == 4:  # the second episode's first class
+            raise Killed(label)
+        if where == "distill-step" and step and step[0] == 3 and "ep001" in label:
+            raise Killed(label)
+
+    config = config_from_dict(tiny_config(data_root, tmp_path / "run"))
+    with pytest.raises(Killed):
+        run_pipeline(config, hooks={where: kill})
+    finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("done.json")}
+    assert finished, "stages finished before the kill keep their markers"
+    resumed = run_pipeline(config)
+    for path, stamp in finished.items():  # finished stages were not recomputed
+        assert path.stat().st_mtime_ns == stamp
+    assert resumed["summary"] == reference["summary"]
+    for ep_ref, ep_new in zip(reference["episodes"], resumed["episodes"], strict=True):
+        assert ep_ref["accuracy"] == ep_new["accuracy"]
+        assert ep_ref["curves"] == ep_new["curves"]
+    ref_w, new_w = student_weights(reference_dir), student_weights(tmp_path / "run")
+    assert ref_w.keys() == new_w.keys() and all(torch.equal(ref_w[k], new_w[k]) for k in ref_w)
+
+
+def test_nan_loss_names_the_stage_and_keeps_artifacts(data_root, tmp_path):
+    config = config_from_dict(tiny_config(data_root, tmp_path / "run", **{"distill.lr": 1e30}))
+    with pytest.raises(NonFiniteError, match="stage distill"):
+        run_pipeline(config)
+    assert list((tmp_path / "run" / "artifacts" / "pseudo").glob("*/done.json"))
+    assert list((tmp_path / "run" / "artifacts" / "specialize").glob("*/done.json"))
+
+
+def test_too_few_base_classes_is_a_clear_error(data_root, tmp_path):
+    config = config_from_dict(tiny_config(data_root, tmp_path / "run", **{"data.min_base_classes": 6}))
+    with pytest.raises(TintError, match="data.min_base_classes"):
+        run_pipeline(config)
+
+
+def test_cli_rejects_bad_config_before_any_work(data_root, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("distill:\n  lr: abc\n")
+    run_dir = tmp_path / "never"
+    assert main(["run", str(path), "--run-dir", str(run_dir)]) == 2
+    assert "distill.lr: expected float, got 'abc'" in capsys.readouterr().err
+    assert not run_dir.exists()
+    assert main(["run", "--set", "generator.nmae=tint", "--run-dir", str(run_dir)]) == 2
+    assert "generator.nmae: unknown key" in capsys.readouterr().err
+    assert not run_dir.exists()

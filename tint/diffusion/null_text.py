@@ -1,0 +1,167 @@
+"""Null-text inversion (Mokady et al., 2023), conditioned on a textual-inversion embedding.
+
+Plain DDIM inversion is exact only without guidance: sampling the inverted z_T with CFG 7.5
+drifts away from the input. Null-text inversion keeps z_T and the conditional embedding and
+instead optimises one unconditional embedding u_t per sampling step, so that the guided step
+from the current latent lands on the (guidance-1) inversion trajectory:
+
+1. traj = DDIM-invert(z_0) under cond, guidance 1  -> [z_0, ..., z_T]
+2. z = z_T; for sampling step i = 0..n-1 (at timesteps[i]):
+   minimise |ddim_step(z, CFG(u, cond)) - traj[n-i-1]|^2 over u (Adam, `inner_steps`),
+   starting from the previous step's u; store u_i; advance z with the optimised u.
+
+The result's ``uncond_embeddings[i]`` is u for sampling step i, the order
+`tint.diffusion.ddim.ddim_sample` expects for per-step embeddings.
+"""
+
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from tint.diffusion.ddim import (
+    ddim_invert,
+    ddim_schedule,
+    ddim_step,
+    unet_output,
+)
+from tint.errors import TintError
+
+
+@dataclass
+class NullTextConfig:
+    """Defaults of the paper (Appendix B.2: 10 Adam iterations per step, Mokady's schedule).
+
+    schedule "decay": lr * (1 - i/100) at sampling step i and early stop of the inner loop
+    when loss < early_stop_eps + i * 2e-5 (Mokady et al.'s code). "constant": constant lr and
+    all inner steps (the authors' later code). With random weights use lr 0.1 (DESIGN.md).
+    """
+
+    num_steps: int = 50
+    guidance: float = 7.5
+    inner_steps: int = 10
+    lr: float = 1e-2
+    schedule: str = "decay"  # "decay" | "constant"
+    early_stop_eps: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("decay", "constant"):
+            raise TintError(f"null-text schedule must be 'decay' or 'constant', got {self.schedule!r}")
+        if self.inner_steps < 1 or self.num_steps < 1:
+            raise TintError("null-text num_steps and inner_steps must be >= 1")
+
+    def step_lr(self, step: int) -> float:
+        return self.lr * (1.0 - step / 100.0) if self.schedule == "decay" else self.lr
+
+    def stop_threshold(self, step: int) -> float | None:
+        return self.early_stop_eps + step * 2e-5 if self.schedule == "decay" else None
+
+
+@dataclass
+class NullTextResult:
+    z_T: torch.Tensor  # [1, C, h, w] float32: the DDIM-inverted latent
+    uncond_embeddings: torch.Tensor  # [T, L, D] float32, index i = sampling step i
+    trajectory_error: list[float] = field(default_factory=list)  # MSE to the inversion, per step
+    inner_steps_used: list[int] = field(default_factory=list)
+
+
+@contextmanager
+def _frozen(*modules: torch.nn.Module):
+    """No parameter gradients while we differentiate w.r.t. the embedding only."""
+    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    try:
+        for module in modules:
+            module.requires_grad_(False)
+        yield
+    finally:
+        for module, module_flags in zip(modules, flags, strict=True):
+            for param, flag in zip(module.parameters(), module_flags, strict=True):
+                param.requires_grad_(flag)
+
+
+def null_text_inversion(
+    backbone,
+    z0: torch.Tensor,
+    cond: torch.Tensor,
+    uncond_init: torch.Tensor,
+    config: NullTextConfig | None = None,
+    progress: bool = False,
+) -> NullTextResult:
+    """Invert one latent z0 [1,C,h,w] under cond [1,L,D]; return z_T and u_1..T."""
+    config = config or NullTextConfig()
+    _check_inputs(backbone, z0, cond, uncond_init)
+    device = backbone.device
+    cond = cond.to(device, torch.float32)
+    trajectory = ddim_invert(backbone, z0.float(), cond, num_steps=config.num_steps)
+    schedule = ddim_schedule(backbone.scheduler, config.num_steps)
+    n = schedule.num_steps
+    latent = trajectory[n]
+    uncond = uncond_init.detach().to(device, torch.float32).clone()
+    result = NullTextResult(z_T=trajectory[n].detach().cpu(), uncond_embeddings=torch.empty(0))
+    embeddings = []
+    with _frozen(backbone.unet):
+        for i in tqdm(range(n), desc="null-text inversion", disable=not progress, leave=False):
+            t, target = schedule.timesteps[i], trajectory[n - i - 1]
+            alphas = (schedule.alphas[i], schedule.alphas[i + 1])
+            with torch.no_grad():
+                out_cond = unet_output(backbone, latent, t, cond)
+            uncond, used = _optimise_step(
+                backbone, latent, t, alphas, out_cond, uncond, target, config, i
+            )
+            with torch.no_grad():
+                guided = _guided(unet_output(backbone, latent, t, uncond), out_cond, config)
+                latent = ddim_step(backbone, latent, guided, *alphas)
+            error = float(torch.mean((latent - target) ** 2))
+            if not math.isfinite(error):
+                raise TintError(f"null-text inversion: non-finite latent at sampling step {i}")
+            result.trajectory_error.append(error)
+            result.inner_steps_used.append(used)
+            embeddings.append(uncond[0].detach().cpu())
+    result.uncond_embeddings = torch.stack(embeddings)
+    return result
+
+
+def _guided(out_uncond: torch.Tensor, out_cond: torch.Tensor, config: NullTextConfig) -> torch.Tensor:
+    return out_uncond + config.guidance * (out_cond - out_uncond)
+
+
+def _optimise_step(
+    backbone, latent, t, alphas, out_cond, uncond, target, config: NullTextConfig, step: int
+) -> tuple[torch.Tensor, int]:
+    """Adam on u so that the CFG step from `latent` lands on `target`; start from `uncond`."""
+    param = uncond.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([param], lr=config.step_lr(step))
+    threshold = config.stop_threshold(step)
+    used = 0
+    for inner in range(config.inner_steps):
+        guided = _guided(unet_output(backbone, latent, t, param), out_cond, config)
+        loss = torch.mean((ddim_step(backbone, latent, guided, *alphas) - target) ** 2)
+        if not torch.isfinite(loss):
+            raise TintError(
+                f"null-text inversion: loss is {loss.item()} at sampling step {step}, inner step "
+                f"{inner}; the model or inputs produce NaN/inf (run in float32, check the images)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        used += 1
+        if threshold is not None and loss.item() < threshold:
+            break
+    return param.detach(), used
+
+
+def _check_inputs(backbone, z0, cond, uncond_init) -> None:
+    if backbone.dtype != torch.float32:
+        raise TintError(
+            f"null-text inversion needs a float32 model (fp16 breaks it), got {backbone.dtype}; "
+            "load the backbone with dtype=torch.float32"
+        )
+    if z0.ndim != 4 or z0.shape[0] != 1:
+        raise TintError(f"null-text inversion takes one latent [1, C, h, w], got {tuple(z0.shape)}")
+    for name, emb in (("cond", cond), ("uncond_init", uncond_init)):
+        if emb.ndim != 3 or emb.shape[0] != 1:
+            raise TintError(f"null-text inversion: {name} must be [1, L, D], got {tuple(emb.shape)}")

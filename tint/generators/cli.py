@@ -1,0 +1,171 @@
+"""`tint specialize`: run a generator's specialisation (TINT: TI + NTI) for one episode's classes.
+
+Writes one artifact per class into --out plus ``specialize.json`` (what was run: backbone,
+dataset, episode, settings). Re-running skips classes whose artifact is complete and was made
+with the same settings, so a killed run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tint.errors import TintError
+from tint.generators import available_generators, create_generator
+from tint.generators.base import artifact_is_complete, artifact_path, settings_dict
+from tint.io import set_threads, write_json
+
+DEFAULT_BACKBONE = "tint-clipart"
+RUN_FILE = "specialize.json"
+log = logging.getLogger("tint.specialize")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--generator", default="tint", choices=available_generators(),
+                        help="which generator to specialise (default: tint)")
+    parser.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                        help="diffusion model: 'tint-clipart' (embedded), 'tiny' (random, tests), "
+                             "a tint generator folder, an SD folder or hub id")
+    parser.add_argument("--dataset", help="dataset spec, e.g. openclipart, folder:ROOT "
+                                          "(default: the one named in the episode file)")
+    parser.add_argument("--resolution", type=int,
+                        help="dataset image resolution (default: the episode file's, else 84)")
+    parser.add_argument("--episodes", type=Path, help="episode file from `tint episodes`")
+    parser.add_argument("--episode", type=int, default=0, help="episode index in --episodes")
+    parser.add_argument("--split", default="novel", help="without --episodes: split to sample from")
+    parser.add_argument("--n-way", type=int, default=5, help="without --episodes: classes")
+    parser.add_argument("--k-shot", type=int, default=5, help="without --episodes: supports/class")
+    parser.add_argument("--seed", type=int, default=0, help="episode sampling and TI seed")
+    parser.add_argument("--out", type=Path, required=True, help="artifact folder")
+    parser.add_argument("--ti-steps", type=int, default=5000)
+    parser.add_argument("--ti-lr", type=float, default=1e-3)
+    parser.add_argument("--ti-t-min", type=int, default=250)
+    parser.add_argument("--ti-batch-size", type=int, default=1)
+    parser.add_argument("--ti-grad-accum", type=int, default=1)
+    parser.add_argument("--nti-lr", type=float, default=1e-2)
+    parser.add_argument("--nti-inner-steps", type=int, default=10)
+    parser.add_argument("--nti-schedule", choices=("decay", "constant"), default="decay")
+    parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps")
+    parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
+    parser.add_argument("--super-resolver", default=None,
+                        help="bridge super-resolution: none (bilinear only), bilinear, bicubic, "
+                             "a TorchScript file or a diffusers upscaler folder")
+    parser.add_argument("--no-store-support", action="store_true",
+                        help="do not keep the bridged supports in the artifacts")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo classes whose artifact was made with other settings")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    generator = create_generator(args.generator)
+    dataset, classes, supports, episode_info = resolve_supports(args)
+    settings = build_settings(generator, args, dataset.resolution)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / RUN_FILE, {
+        "generator": args.generator, "backbone": args.backbone, "dataset": dataset.spec,
+        "resolution": dataset.resolution, "classes": classes, "episode": episode_info,
+        "settings": settings_dict(settings),
+    })
+    todo = [c for c in classes if not _class_done(generator, out, c, settings, args.overwrite)]
+    print(f"tint specialize: {len(classes) - len(todo)} of {len(classes)} classes already done")
+    if not todo:
+        return 0
+    backbone = load_backbone_on(args.backbone, args.device)
+    for name in tqdm(todo, desc="specialize", unit="class"):
+        support = dataset.load_tensor(supports[name])
+        path = generator.specialize(backbone, name, support, out, settings)
+        log.info("wrote %s", path)
+    print(f"tint specialize: wrote {len(todo)} artifact(s) to {out}")
+    return 0
+
+
+def resolve_supports(args: argparse.Namespace) -> tuple[Any, list[str], dict[str, list[str]], dict]:
+    """(dataset, class names, class -> support item ids, episode description)."""
+    from tint.data.datasets import load_dataset
+
+    meta: dict = {}
+    episode = None
+    if args.episodes is not None:
+        from tint.data.episodes import load_episodes
+
+        episodes, meta = load_episodes(args.episodes)
+        if not 0 <= args.episode < len(episodes):
+            raise TintError(f"--episode {args.episode}: {args.episodes} holds {len(episodes)} "
+                            f"episode(s), numbered 0..{len(episodes) - 1}")
+        episode = episodes[args.episode]
+    spec = args.dataset or meta.get("dataset") or meta.get("dataset_spec")
+    if not spec:
+        raise TintError("--dataset: required (the episode file does not name its dataset)")
+    resolution = args.resolution or meta.get("resolution") or 84
+    dataset = load_dataset(spec, resolution=int(resolution))
+    if episode is None:
+        from tint.data.episodes import sample_episodes
+
+        episode = sample_episodes(dataset, split=args.split, n_way=args.n_way,
+                                  k_shot=args.k_shot, n_query=0, n_episodes=1, seed=args.seed)[0]
+        info = {"sampled": True, "split": args.split, "n_way": args.n_way,
+                "k_shot": args.k_shot, "seed": args.seed}
+    else:
+        info = {"file": str(args.episodes), "index": args.episode}
+    supports = dict(zip(episode.classes, episode.support, strict=True))
+    for name, items in supports.items():
+        if not items:
+            raise TintError(f"class {name!r}: the episode has no support images for it")
+    return dataset, list(episode.classes), supports, info
+
+
+def build_settings(generator: Any, args: argparse.Namespace, resolution: int) -> Any:
+    """The generator's SpecializeSettings from the CLI flags it knows."""
+    values = {
+        "backbone": args.backbone, "ti_steps": args.ti_steps, "ti_lr": args.ti_lr,
+        "ti_t_min": args.ti_t_min, "ti_batch_size": args.ti_batch_size,
+        "ti_grad_accum": args.ti_grad_accum, "nti_lr": args.nti_lr,
+        "nti_inner_steps": args.nti_inner_steps, "nti_schedule": args.nti_schedule,
+        "num_steps": args.num_steps, "guidance": args.guidance,
+        "super_resolver": args.super_resolver, "store_support": not args.no_store_support,
+        "dataset_resolution": resolution, "seed": args.seed,
+    }
+    cls = generator.SpecializeSettings
+    known = set(cls.__dataclass_fields__)
+    return cls(**{k: v for k, v in values.items() if k in known})
+
+
+def _class_done(generator: Any, out: Path, name: str, settings: Any, overwrite: bool) -> bool:
+    path = artifact_path(out, name)
+    required = getattr(generator, "REQUIRED_TENSORS", ())
+    if artifact_is_complete(path, required, settings):
+        return True
+    if path.is_file() and artifact_is_complete(path, required) and not overwrite:
+        raise TintError(f"{path}: made with other settings; pass --overwrite to redo it or "
+                        "choose another --out")
+    return False
+
+
+def load_backbone_on(spec: str, device: str, dtype: torch.dtype = torch.float32) -> Any:
+    """Load a diffusion backbone and move it to `device` (fp32 unless asked otherwise)."""
+    from tint.diffusion.backbone import load_backbone
+
+    backbone = load_backbone(spec)
+    return move_backbone(backbone, device, dtype)
+
+
+def move_backbone(backbone: Any, device: str, dtype: torch.dtype = torch.float32) -> Any:
+    try:
+        target = torch.device(device)
+    except RuntimeError as err:
+        raise TintError(f"--device {device!r}: not a torch device ({err})") from err
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise TintError(f"--device {device}: CUDA is not available on this machine; use cpu")
+    backbone.unet.to(target, dtype)
+    backbone.vae.to(target, dtype)
+    backbone.text_encoder.to(target)
+    return backbone

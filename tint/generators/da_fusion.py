@@ -1,0 +1,156 @@
+"""DA-Fusion (Trabucco et al., 2024) as used in the paper's Table 3/4: TI, then img2img.
+
+specialize, per class: exactly plain TI (``plain_ti.specialize_ti``), always keeping the
+bridged supports in the artifact.
+
+generate, per image i (own RNG from (seed, class, i)):
+    k ~ U{1..K}; strength s (fixed, or ~ U(lo, hi) per image)
+    z_0 = encode(support_k)
+    start = num_steps - int(s * num_steps)          (diffusers' img2img convention)
+    z_t = sqrt(a_t) z_0 + sqrt(1 - a_t) n,  n ~ N(0, I),  a_t = alpha_bar(timesteps[start])
+    DDIM + CFG from step `start` with "a photo of an <v_n>" against the empty prompt.
+Strength 0 returns the (encoded/decoded) support, strength 1 is plain TI from pure noise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tint.diffusion.bridge import ResolutionBridge
+from tint.errors import TintError
+from tint.generators.base import image_rng, image_seed, manifest_paths, missing_indices, settings_from
+from tint.generators.plain_ti import (
+    SpecializeSettings,
+    check_generate_common,
+    class_conditioning,
+    load_ti_artifact,
+    specialize_ti,
+    write_generated,
+)
+
+NAME = "da-fusion"
+REQUIRED_TENSORS = ("embedding", "support")
+
+__all__ = ["NAME", "REQUIRED_TENSORS", "GenerateSettings", "SpecializeSettings",
+           "generate", "specialize", "start_step"]
+
+
+@dataclass
+class GenerateSettings:
+    """img2img knobs; `batch_size` is a memory setting: it never changes an image."""
+
+    strength: float = 0.5  # fraction of the DDIM trajectory re-generated (0: the support)
+    strength_range: Sequence[float] | None = None  # (lo, hi): strength ~ U(lo, hi) per image
+    batch_size: int = 8
+    resolution: int | None = None  # None: the artifact's dataset resolution
+    guidance: float | None = None  # None: the artifact's
+    num_steps: int | None = None  # None: the artifact's
+    negative_prompt: str = ""
+    progress: bool = True
+
+
+def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: str | Path,
+               settings: SpecializeSettings | dict | None = None) -> Path:
+    """Plain TI, keeping the bridged supports (img2img starts from them)."""
+    s = settings_from(SpecializeSettings, settings)
+    if not s.store_support:
+        raise TintError("da-fusion: store_support must stay on (generation starts from the supports)")
+    return specialize_ti(backbone, class_name, support, out_dir, s, NAME)
+
+
+def start_step(strength: float, num_steps: int) -> int:
+    """First DDIM sampling step for an img2img strength (num_steps: nothing re-generated)."""
+    return num_steps - min(int(strength * num_steps), num_steps)
+
+
+@dataclass
+class Draw:
+    index: int
+    k: int
+    strength: float
+    noise: torch.Tensor
+
+
+def draw_image(seed: int, class_name: str, index: int, num_supports: int,
+               latent_shape: Sequence[int], s: GenerateSettings) -> Draw:
+    """k, strength, n for one image, always drawn in this order from the image's own RNG."""
+    rng = image_rng(seed, class_name, index)
+    k = int(torch.randint(num_supports, (1,), generator=rng))
+    u = float(torch.rand(1, generator=rng))
+    strength = s.strength
+    if s.strength_range is not None:
+        lo, hi = s.strength_range
+        strength = lo + (hi - lo) * u
+    return Draw(index, k, float(strength), torch.randn(tuple(latent_shape), generator=rng))
+
+
+def img2img_latents(backbone: Any, support: torch.Tensor, draws: Sequence[Draw],
+                    cond: torch.Tensor, uncond: torch.Tensor, guidance: float,
+                    num_steps: int) -> torch.Tensor:
+    """Latents for the draws; images sharing a start step share their DDIM calls."""
+    from tint.diffusion.ddim import ddim_sample, ddim_schedule
+
+    alphas = ddim_schedule(backbone.scheduler, num_steps).alphas
+    z0 = backbone.encode_images(support[[d.k for d in draws]].to(backbone.device)).float()
+    noise = torch.stack([d.noise for d in draws]).to(z0)
+    starts = [start_step(d.strength, num_steps) for d in draws]
+    out = torch.empty_like(z0)
+    for start in sorted(set(starts)):
+        rows = [b for b, st in enumerate(starts) if st == start]
+        if start == num_steps:  # strength 0: nothing to re-generate
+            out[rows] = z0[rows]
+            continue
+        a = float(alphas[start])
+        z_t = a**0.5 * z0[rows] + max(1.0 - a, 0.0) ** 0.5 * noise[rows]
+        out[rows] = ddim_sample(backbone, z_t, cond, uncond, guidance, num_steps, start_step=start)
+    return out
+
+
+def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: str | Path,
+             seed: int = 0, settings: GenerateSettings | dict | None = None) -> list[Path]:
+    """Make images 0..n_images-1 of the artifact's class that are not already done."""
+    s = settings_from(GenerateSettings, settings)
+    check_generate_common(n_images, s.batch_size)
+    _check_strength(s)
+    artifact = load_ti_artifact(artifact_path, REQUIRED_TENSORS)
+    support = artifact.support
+    if tuple(support.shape[-2:]) != (backbone.resolution, backbone.resolution):
+        raise TintError(f"{artifact.path}: supports are {tuple(support.shape[-2:])} but the "
+                        f"backbone works at {backbone.resolution}: use the backbone it was made with")
+    out_dir = Path(out_dir)
+    class_name = artifact.class_name
+    resolution = s.resolution or int(artifact.meta["dataset_resolution"])
+    guidance = float(artifact.meta.get("guidance", 7.5) if s.guidance is None else s.guidance)
+    num_steps = int(artifact.meta.get("num_steps", 50) if s.num_steps is None else s.num_steps)
+    todo = missing_indices(out_dir, class_name, n_images)
+    if todo:
+        cond, uncond = class_conditioning(backbone, artifact, s.negative_prompt)
+        bar = tqdm(total=len(todo), desc=f"da-fusion {class_name}", disable=not s.progress)
+        for start in range(0, len(todo), s.batch_size):
+            batch = todo[start:start + s.batch_size]
+            draws = [draw_image(seed, class_name, i, support.shape[0], backbone.latent_shape, s)
+                     for i in batch]
+            latents = img2img_latents(backbone, support, draws, cond, uncond, guidance, num_steps)
+            images = ResolutionBridge.to_dataset(backbone.decode_latents(latents), resolution)
+            rows = [{"k": d.k, "strength": d.strength, "seed": seed,
+                     "image_seed": image_seed(seed, class_name, d.index), "generator": NAME,
+                     "artifact_generator": artifact.meta["generator"]} for d in draws]
+            write_generated(out_dir, class_name, batch, images, rows)
+            bar.update(len(batch))
+        bar.close()
+    return manifest_paths(out_dir, class_name, n_images)
+
+
+def _check_strength(s: GenerateSettings) -> None:
+    if not 0.0 <= s.strength <= 1.0:
+        raise TintError(f"strength must be in [0, 1], got {s.strength}")
+    if s.strength_range is not None:
+        lo, hi = s.strength_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise TintError(f"strength_range must satisfy 0 <= lo <= hi <= 1, got {list(s.strength_range)}")

@@ -1,0 +1,364 @@
+"""TINT: textual inversion + null-text inversion + noise-blended generation (paper section 3.1).
+
+specialize (Algorithm 1), per class:
+    supports --bridge--> model resolution --TI--> class embedding v_n
+    each support k --NTI conditioned on "a photo of an <v_n>"--> z_T,k and u_1..T,k
+    -> ``<out>/<class>.safetensors`` (embedding, z_T, uncond, timesteps [, support] + JSON of
+       every setting) and ``<out>/<class>.ti.safetensors`` (diffusers textual-inversion file).
+
+generate (Algorithm 2), per image i (own RNG from (seed, class, i)):
+    k ~ U{1..K}, n ~ N(0, I), z' = (1-a) z_T,k + a n                         (Eq. 3)
+    z~ = z' / |z'| * ((1-a)|z_T,k| + a|n|)                                   (Eq. 4)
+    DDIM + CFG from z~ with the class embedding and support k's per-step u_t,k
+    -> PNG at dataset resolution + a manifest row. Many images share one UNet call (each with
+    its own u_t,k; the CFG pair in the same batch); batching never changes an image.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from tint.diffusion.bridge import PAPER_STEPS, ResolutionBridge, load_super_resolver
+from tint.errors import TintError
+from tint.generators.base import (
+    artifact_path,
+    image_relpath,
+    image_rng,
+    image_seed,
+    install_token_embedding,
+    load_artifact,
+    manifest_paths,
+    missing_indices,
+    safe_name,
+    save_artifact,
+    save_textual_inversion_file,
+    settings_dict,
+    settings_from,
+    validate_support,
+    write_image,
+    write_manifest_rows,
+)
+
+NAME = "tint"
+REQUIRED_TENSORS = ("embedding", "z_T", "uncond", "timesteps")
+
+
+@dataclass
+class SpecializeSettings:
+    """Every knob of Algorithm 1; all of it is stored in the artifact's metadata."""
+
+    prompt: str = "a photo of an {token}"
+    token: str | None = None  # None: "<tint-CLASS>"
+    init_word: str = "object"
+    ti_steps: int = 5000
+    ti_lr: float = 1e-3
+    ti_t_min: int = 250
+    ti_batch_size: int = 1
+    ti_grad_accum: int = 1
+    nti_inner_steps: int = 10
+    nti_lr: float = 1e-2
+    nti_schedule: str = "decay"  # "decay": 1e-2*(1-i/100) + early stop (original); "constant"
+    num_steps: int = 50
+    guidance: float = 7.5
+    super_resolver: str | None = None  # None: bilinear only (the ablation); see bridge.py
+    bridge_steps: Sequence[int | str] = field(default_factory=lambda: list(PAPER_STEPS))
+    store_support: bool = True  # keep the bridged supports in the artifact (for reports)
+    dataset_resolution: int | None = None  # None: the supports' size
+    seed: int = 0  # TI timestep/noise draws
+    backbone: str | None = None  # provenance: the spec the backbone was loaded from
+
+
+@dataclass
+class GenerateSettings:
+    """Algorithm 2's knobs. `batch_size` is a memory setting: it never changes an image."""
+
+    alpha: float = 1.0
+    alpha_range: Sequence[float] | None = None  # (lo, hi): alpha ~ U(lo, hi) per image
+    batch_size: int = 8
+    resolution: int | None = None  # None: the artifact's dataset resolution
+    guidance: float | None = None  # None: the artifact's (the u_t were optimised for it)
+    progress: bool = True
+
+
+# ---------------------------------------------------------------------------------------------
+# Eq. 3-4
+
+
+def blend_latents(z_T: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor | float) -> torch.Tensor:
+    """Eq. 3 then Eq. 4, per image, norms over all latent dims; computed in float64.
+
+    alpha = 0 returns z_T exactly; alpha = 1 returns the noise exactly.
+    """
+    if z_T.shape != noise.shape:
+        raise TintError(f"blend: z_T {tuple(z_T.shape)} and noise {tuple(noise.shape)} differ")
+    alpha = torch.as_tensor(alpha, dtype=torch.float64).reshape(-1)
+    if alpha.numel() == 1:
+        alpha = alpha.expand(z_T.shape[0])
+    if ((alpha < 0) | (alpha > 1)).any():
+        raise TintError(f"alpha must be in [0, 1], got {alpha.tolist()}")
+    a = alpha.to(z_T.device).view(-1, *([1] * (z_T.ndim - 1)))
+    z64, n64 = z_T.double(), noise.double()
+    blended = (1 - a) * z64 + a * n64
+    target = (1 - a) * _norm(z64) + a * _norm(n64)
+    rescaled = blended * (target / _norm(blended).clamp_min(1e-30))
+    return rescaled.to(z_T.dtype)
+
+
+def _norm(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.ndim - 1)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Artifact
+
+
+@dataclass
+class TintArtifact:
+    """One class's specialisation, loaded and validated."""
+
+    path: Path
+    class_name: str
+    token: str
+    prompt: str
+    embedding: torch.Tensor  # [D]
+    z_T: torch.Tensor  # [K, C, h, w]
+    uncond: torch.Tensor  # [K, T, L, D]
+    timesteps: torch.Tensor  # [T]
+    meta: dict
+
+    @property
+    def num_supports(self) -> int:
+        return int(self.z_T.shape[0])
+
+
+def load_tint_artifact(path: str | Path) -> TintArtifact:
+    tensors, meta = load_artifact(path, REQUIRED_TENSORS, generator=NAME)
+    z_T, uncond = tensors["z_T"], tensors["uncond"]
+    if uncond.ndim != 4 or z_T.shape[0] != uncond.shape[0] or z_T.shape[0] == 0:
+        raise TintError(f"{path}: z_T {tuple(z_T.shape)} and uncond {tuple(uncond.shape)} "
+                        "do not describe the same supports; re-run `tint specialize`")
+    if uncond.shape[1] != tensors["timesteps"].numel():
+        raise TintError(f"{path}: {uncond.shape[1]} unconditional embeddings for "
+                        f"{tensors['timesteps'].numel()} timesteps; re-run `tint specialize`")
+    return TintArtifact(Path(path), meta["class"], meta["token"], meta["prompt"],
+                        tensors["embedding"], z_T, uncond, tensors["timesteps"], meta)
+
+
+def check_backbone_matches(backbone: Any, artifact: TintArtifact) -> None:
+    """The artifact's tensors only mean something on the backbone they were made with."""
+    where = str(artifact.path)
+    if tuple(artifact.z_T.shape[1:]) != tuple(backbone.latent_shape):
+        raise TintError(f"{where}: latents {tuple(artifact.z_T.shape[1:])} but the backbone's are "
+                        f"{tuple(backbone.latent_shape)}: use the backbone it was made with "
+                        f"({artifact.meta.get('backbone')})")
+    length, dim = artifact.uncond.shape[2:]
+    hidden = backbone.text_encoder.get_input_embeddings().weight.shape[1]
+    if dim != hidden or artifact.embedding.numel() != hidden or length != backbone.text_length:
+        raise TintError(f"{where}: text embeddings [{length},{dim}] do not fit the backbone's "
+                        f"[{backbone.text_length},{hidden}]; use the backbone it was made with")
+    backbone.scheduler.set_timesteps(artifact.timesteps.numel())
+    if not torch.equal(backbone.scheduler.timesteps.cpu().long(), artifact.timesteps.long()):
+        raise TintError(f"{where}: the backbone's DDIM timesteps differ from the artifact's; "
+                        "use the backbone and scheduler it was made with")
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm 1
+
+
+def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: str | Path,
+               settings: SpecializeSettings | dict | None = None) -> Path:
+    """TI on all supports, NTI per support; write the class artifact (atomically, last)."""
+    s = settings_from(SpecializeSettings, settings)
+    _check_specialize_settings(s)
+    support = validate_support(support, class_name, s.dataset_resolution)
+    from tint.diffusion.null_text import NullTextConfig, null_text_inversion
+    from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
+    dataset_resolution = int(support.shape[-1])
+    token = s.token or f"<tint-{safe_name(class_name)}>"
+    bridge = ResolutionBridge(backbone.resolution, s.bridge_steps,
+                              load_super_resolver(s.super_resolver, backbone.device))
+    images = bridge.to_model(support)
+
+    ti_config = TextualInversionConfig(
+        placeholder=token, init_word=s.init_word, prompt=s.prompt, steps=s.ti_steps, lr=s.ti_lr,
+        t_min=s.ti_t_min, batch_size=s.ti_batch_size, grad_accum=s.ti_grad_accum, seed=s.seed,
+    )
+    ti = textual_inversion(backbone, images, ti_config)
+    install_token_embedding(backbone, ti.token, ti.embedding)
+    prompt = s.prompt.format(token=ti.token)
+    cond = backbone.encode_prompt([prompt])
+
+    nti_config = NullTextConfig(num_steps=s.num_steps, guidance=s.guidance,
+                                inner_steps=s.nti_inner_steps, lr=s.nti_lr, schedule=s.nti_schedule)
+    empty = backbone.encode_prompt([""])
+    z_T, uncond = [], []
+    for k in tqdm(range(images.shape[0]), desc=f"NTI {class_name}", leave=False):
+        z0 = backbone.encode_images(images[k:k + 1])
+        result = null_text_inversion(backbone, z0, cond, empty, nti_config)
+        z_T.append(result.z_T.reshape(backbone.latent_shape).float().cpu())
+        uncond.append(result.uncond_embeddings.float().cpu())
+
+    out_dir = Path(out_dir)
+    target = artifact_path(out_dir, class_name)
+    save_textual_inversion_file(target.with_suffix(".ti.safetensors"), ti.token, ti.embedding)
+    return save_tint_artifact(  # written last: it marks the class done
+        target, backbone, class_name=class_name, token=ti.token, prompt=prompt,
+        embedding=ti.embedding, z_T=torch.stack(z_T), uncond=torch.stack(uncond),
+        guidance=s.guidance, dataset_resolution=dataset_resolution,
+        support=images if s.store_support else None,
+        extra={"bridge": bridge.plan(dataset_resolution), "settings": settings_dict(s),
+               "backbone": s.backbone, "ti_final_loss": getattr(ti, "final_loss", None)},
+    )
+
+
+def save_tint_artifact(path: str | Path, backbone: Any, *, class_name: str, token: str,
+                       prompt: str, embedding: torch.Tensor, z_T: torch.Tensor,
+                       uncond: torch.Tensor, guidance: float, dataset_resolution: int,
+                       support: torch.Tensor | None = None, extra: dict | None = None) -> Path:
+    """Write a TINT artifact: embedding [D], z_T [K,C,h,w], uncond [K,T,L,D], timesteps [T]."""
+    num_steps = int(uncond.shape[1])
+    backbone.scheduler.set_timesteps(num_steps)
+    tensors = {
+        "embedding": embedding.detach().float().reshape(-1).cpu(),
+        "z_T": z_T.detach().float().cpu(),
+        "uncond": uncond.detach().float().cpu(),
+        "timesteps": backbone.scheduler.timesteps.detach().cpu().long(),
+    }
+    if support is not None:
+        tensors["support"] = support.detach().float().cpu()
+    meta = {
+        "generator": NAME, "class": class_name, "token": token, "prompt": prompt,
+        "num_steps": num_steps, "guidance": guidance, "support_count": int(z_T.shape[0]),
+        "dataset_resolution": int(dataset_resolution), "model_resolution": backbone.resolution,
+        "prediction_type": backbone.prediction_type, "latent_shape": list(backbone.latent_shape),
+        **(extra or {}),
+    }
+    return save_artifact(path, tensors, meta)
+
+
+def _check_specialize_settings(s: SpecializeSettings) -> None:
+    if "{token}" not in s.prompt:
+        raise TintError(f"prompt {s.prompt!r}: must contain '{{token}}' where the class word goes")
+    if s.num_steps < 1 or s.ti_steps < 0 or s.nti_inner_steps < 1:
+        raise TintError("num_steps and nti_inner_steps must be >= 1, ti_steps >= 0")
+    if s.nti_schedule not in ("decay", "constant"):
+        raise TintError(f"nti_schedule {s.nti_schedule!r}: choose 'decay' or 'constant'")
+
+
+# ---------------------------------------------------------------------------------------------
+# Algorithm 2
+
+
+@dataclass
+class ImageDraw:
+    """The random choices behind one image: all from the image's own RNG."""
+
+    index: int
+    seed: int
+    k: int
+    alpha: float
+    noise: torch.Tensor  # latent-shaped, float32, CPU
+
+
+def draw_image(run_seed: int, class_name: str, index: int, num_supports: int,
+               latent_shape: Sequence[int], settings: GenerateSettings) -> ImageDraw:
+    """k, alpha, n for image `index`; always drawn in this order so fixed/random alpha share n."""
+    rng = image_rng(run_seed, class_name, index)
+    k = int(torch.randint(num_supports, (1,), generator=rng))
+    u = float(torch.rand(1, generator=rng))
+    alpha = settings.alpha
+    if settings.alpha_range is not None:
+        lo, hi = settings.alpha_range
+        alpha = lo + (hi - lo) * u
+    noise = torch.randn(tuple(latent_shape), generator=rng)
+    return ImageDraw(index, image_seed(run_seed, class_name, index), k, float(alpha), noise)
+
+
+def prepare_backbone(backbone: Any, artifact: TintArtifact) -> torch.Tensor:
+    """Check the artifact fits, install its token, return the conditional embedding [1,L,D]."""
+    check_backbone_matches(backbone, artifact)
+    install_token_embedding(backbone, artifact.token, artifact.embedding)
+    return backbone.encode_prompt([artifact.prompt])
+
+
+def sample_latents(backbone: Any, artifact: TintArtifact, draws: Sequence[ImageDraw],
+                   cond: torch.Tensor, guidance: float) -> torch.Tensor:
+    """One batched DDIM run: image b starts from blend(z_T[k_b], n_b) with u_t[k_b]."""
+    from tint.diffusion.ddim import ddim_sample
+
+    device = backbone.device
+    ks = torch.tensor([d.k for d in draws])
+    z_T = artifact.z_T[ks].to(device)
+    noise = torch.stack([d.noise for d in draws]).to(device)
+    alpha = torch.tensor([d.alpha for d in draws], dtype=torch.float64)
+    z_start = blend_latents(z_T, noise, alpha).to(backbone.dtype)
+    uncond = artifact.uncond[ks].transpose(0, 1).to(device, backbone.dtype)  # [T, B, L, D]
+    cond = cond.to(device, backbone.dtype).expand(len(draws), -1, -1)
+    return ddim_sample(backbone, z_start, cond, uncond, guidance, artifact.timesteps.numel())
+
+
+def sample_images(backbone: Any, artifact: TintArtifact, draws: Sequence[ImageDraw],
+                  guidance: float | None = None) -> torch.Tensor:
+    """Images at model resolution [B,3,M,M] in [0,1] for the given draws (no files)."""
+    cond = prepare_backbone(backbone, artifact)
+    guidance = artifact.meta["guidance"] if guidance is None else guidance
+    return backbone.decode_latents(sample_latents(backbone, artifact, draws, cond, guidance))
+
+
+def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: str | Path,
+             seed: int = 0, settings: GenerateSettings | dict | None = None) -> list[Path]:
+    """Make images 0..n_images-1 of the artifact's class that are not already done."""
+    s = settings_from(GenerateSettings, settings)
+    _check_generate_settings(s, n_images)
+    artifact = load_tint_artifact(artifact_path)
+    out_dir = Path(out_dir)
+    class_name = artifact.class_name
+    resolution = s.resolution or int(artifact.meta["dataset_resolution"])
+    guidance = artifact.meta["guidance"] if s.guidance is None else s.guidance
+    todo = missing_indices(out_dir, class_name, n_images)
+    if todo:
+        cond = prepare_backbone(backbone, artifact)
+        bar = tqdm(total=len(todo), desc=f"generate {class_name}", disable=not s.progress)
+        for start in range(0, len(todo), s.batch_size):
+            batch = todo[start:start + s.batch_size]
+            draws = [draw_image(seed, class_name, i, artifact.num_supports, backbone.latent_shape, s)
+                     for i in batch]
+            latents = sample_latents(backbone, artifact, draws, cond, guidance)
+            images = ResolutionBridge.to_dataset(backbone.decode_latents(latents), resolution)
+            _write_batch(out_dir, class_name, draws, images, seed)
+            bar.update(len(batch))
+        bar.close()
+    return manifest_paths(out_dir, class_name, n_images)
+
+
+def _write_batch(out_dir: Path, class_name: str, draws: Sequence[ImageDraw],
+                 images: torch.Tensor, run_seed: int) -> None:
+    """Images first (atomic), then their manifest rows (fsync'ed)."""
+    rows = []
+    for draw, image in zip(draws, images, strict=True):
+        relpath = image_relpath(class_name, draw.index)
+        write_image(out_dir / relpath, image)
+        rows.append({"file": relpath, "class": class_name, "index": draw.index, "k": draw.k,
+                     "alpha": draw.alpha, "seed": run_seed, "image_seed": draw.seed,
+                     "generator": NAME})
+    write_manifest_rows(out_dir, rows)
+
+
+def _check_generate_settings(s: GenerateSettings, n_images: int) -> None:
+    if n_images < 0:
+        raise TintError(f"n_images must be >= 0, got {n_images}")
+    if s.batch_size < 1:
+        raise TintError(f"batch_size must be >= 1, got {s.batch_size}")
+    if not 0.0 <= s.alpha <= 1.0:
+        raise TintError(f"alpha must be in [0, 1], got {s.alpha}")
+    if s.alpha_range is not None:
+        lo, hi = s.alpha_range
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise TintError(f"alpha_range must satisfy 0 <= lo <= hi <= 1, got {list(s.alpha_range)}")
