@@ -122,8 +122,9 @@ def bench_plain_ti(backbone, n: int, batch: int, steps: int, repeats: int) -> di
 
 
 def bench_inversions(backbone, steps: int, ti_steps: int, repeats: int) -> dict:
-    from tint.diffusion.null_text import NullTextConfig, null_text_inversion
     from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
+
+    from tint.diffusion.null_text import NullTextConfig, null_text_inversion
 
     images = torch.nn.functional.interpolate(torch.rand(5, 3, 4, 4), size=backbone.resolution,
                                              mode="bilinear")

@@ -130,9 +130,9 @@ def test_da_fusion_random_strength_and_shared_ti_artifact(latent_backbone, tmp_p
 
 
 def _write_pool(folder, n_each=4):
-    for name, colour in (("reds", (0.9, 0.1, 0.1)), ("blues", (0.1, 0.2, 0.9))):
+    for j, (name, colour) in enumerate((("reds", (0.9, 0.1, 0.1)), ("blues", (0.1, 0.2, 0.9)))):
         (folder / name).mkdir(parents=True)
-        for i, img in enumerate(_supports(colour, n_each, seed=10 + i)):
+        for i, img in enumerate(_supports(colour, n_each, seed=10 + j)):
             array = (img.permute(1, 2, 0).numpy() * 255).astype("uint8")
             Image.fromarray(array).resize((40, 40)).save(folder / name / f"{i}.png")
 

@@ -151,9 +151,8 @@ def test_batched_equals_one_at_a_time(backbone, artifact, tmp_path):
 
 
 def _png(path: Path) -> torch.Tensor:
-    from PIL import Image
-
     import numpy as np
+    from PIL import Image
 
     return torch.from_numpy(np.asarray(Image.open(path), dtype=np.int16))
 

@@ -440,9 +440,9 @@ def check_values(config: RunConfig) -> None:
         raise TintError("students: list at least one student to distil")
     names = [s.name for s in config.students]
     for i, student in enumerate(config.students):
-        if not student.sources:
+        if student.sources is not None and not student.sources:
             raise TintError(f"students[{i}].sources: list at least one of base, synthetic, support")
-        if names.count(student.name) > 1:
+        if student.name in names[:i]:
             raise TintError(f"students[{i}].name: {student.name!r} is used twice; names must differ")
         if not student.name.replace("-", "").replace("_", "").isalnum():
             raise TintError(f"students[{i}].name: use letters, digits, '-' or '_' ({student.name!r})")

@@ -765,9 +765,12 @@ def export_students(ctx: RunContext, episode: EpisodeData, students: dict[str, P
 
 def _export(ctx: RunContext, weights: Path, folder: Path) -> dict:
     from tint.export import export_student
+    from tint.students.distill import load_student
 
-    info = export_student(weights, folder, onnx=ctx.config.export.onnx)
-    return {"files": info} if isinstance(info, (dict, list)) else {}
+    model, meta = load_student(weights)
+    report = export_student(model, folder, int(meta.get("image_size") or ctx.config.data.resolution),
+                            onnx=ctx.config.export.onnx)
+    return {"export": report}
 
 
 # ----------------------------------------------------------------------------- episode

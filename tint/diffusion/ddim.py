@@ -23,6 +23,8 @@ terminal SNR (alpha_bar = 0 at t = 999), where the eps form would divide by zero
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -113,6 +115,21 @@ def unet_output(backbone, z: torch.Tensor, t: torch.Tensor | int, text: torch.Te
         encoder_hidden_states=text.to(backbone.device, backbone.dtype),
     ).sample
     return out.float()
+
+
+@contextmanager
+def frozen_parameters(*modules: torch.nn.Module) -> Iterator[None]:
+    """No parameter gradients inside (we differentiate w.r.t. embeddings only); the
+    modules' requires_grad flags are restored afterwards."""
+    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
+    try:
+        for module in modules:
+            module.requires_grad_(False)
+        yield
+    finally:
+        for module, module_flags in zip(modules, flags, strict=True):
+            for param, flag in zip(module.parameters(), module_flags, strict=True):
+                param.requires_grad_(flag)
 
 
 def _match_batch(emb: torch.Tensor, batch: int, name: str) -> torch.Tensor:

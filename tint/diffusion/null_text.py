@@ -17,7 +17,6 @@ The result's ``uncond_embeddings[i]`` is u for sampling step i, the order
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -27,6 +26,7 @@ from tint.diffusion.ddim import (
     ddim_invert,
     ddim_schedule,
     ddim_step,
+    frozen_parameters,
     unet_output,
 )
 from tint.errors import TintError
@@ -69,20 +69,6 @@ class NullTextResult:
     inner_steps_used: list[int] = field(default_factory=list)
 
 
-@contextmanager
-def _frozen(*modules: torch.nn.Module):
-    """No parameter gradients while we differentiate w.r.t. the embedding only."""
-    flags = [[p.requires_grad for p in m.parameters()] for m in modules]
-    try:
-        for module in modules:
-            module.requires_grad_(False)
-        yield
-    finally:
-        for module, module_flags in zip(modules, flags, strict=True):
-            for param, flag in zip(module.parameters(), module_flags, strict=True):
-                param.requires_grad_(flag)
-
-
 def null_text_inversion(
     backbone,
     z0: torch.Tensor,
@@ -103,7 +89,7 @@ def null_text_inversion(
     uncond = uncond_init.detach().to(device, torch.float32).clone()
     result = NullTextResult(z_T=trajectory[n].detach().cpu(), uncond_embeddings=torch.empty(0))
     embeddings = []
-    with _frozen(backbone.unet):
+    with frozen_parameters(backbone.unet, backbone.text_encoder):
         for i in tqdm(range(n), desc="null-text inversion", disable=not progress, leave=False):
             t, target = schedule.timesteps[i], trajectory[n - i - 1]
             alphas = (schedule.alphas[i], schedule.alphas[i + 1])

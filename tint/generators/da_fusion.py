@@ -24,7 +24,13 @@ from tqdm.auto import tqdm
 
 from tint.diffusion.bridge import ResolutionBridge
 from tint.errors import TintError
-from tint.generators.base import image_rng, image_seed, manifest_paths, missing_indices, settings_from
+from tint.generators.base import (
+    image_rng,
+    image_seed,
+    manifest_paths,
+    missing_indices,
+    settings_from,
+)
 from tint.generators.plain_ti import (
     SpecializeSettings,
     check_generate_common,

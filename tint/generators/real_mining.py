@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -49,6 +50,8 @@ from tint.generators.base import (
 )
 from tint.generators.plain_ti import write_generated
 from tint.io import load_tensors, save_tensors
+
+log = logging.getLogger(__name__)
 
 NAME = "real-mining"
 REQUIRED_TENSORS = ("query",)
@@ -200,16 +203,28 @@ def resolve_pool(spec: str) -> Pool:
     return Pool(f"folder:{root.resolve()}", files, crop_alpha=False, fit="crop")
 
 
-def load_pool_images(pool: Pool, files: Sequence[str], resolution: int) -> torch.Tensor:
+def load_pool_images(pool: Pool, files: Sequence[str], resolution: int
+                     ) -> tuple[torch.Tensor, list[bool]]:
+    """Images of `files` at `resolution` and which ones loaded: an unlabelled pool is messy
+    (oversized, corrupt files), so an unreadable image is skipped with a warning, not fatal."""
     from tint.data.images import load_image, to_tensor
 
-    return to_tensor([load_image(f, resolution, crop_alpha=pool.crop_alpha, fit=pool.fit)
-                      for f in files])
+    images, ok = [], []
+    for f in files:
+        try:
+            images.append(load_image(f, resolution, crop_alpha=pool.crop_alpha, fit=pool.fit))
+            ok.append(True)
+        except TintError as err:
+            log.warning("pool image skipped: %s", err)
+            ok.append(False)
+    tensor = to_tensor(images) if images else torch.zeros(0, 3, resolution, resolution)
+    return tensor, ok
 
 
 def pool_features(pool: Pool, scorer: Any, resolution: int, cache_dir: Path,
                   batch_size: int, progress: bool) -> torch.Tensor:
-    """Unit features [N, D] of every pool image, cached (keyed by files, model, resolution)."""
+    """Unit features [N, D] of every pool image (NaN rows for unreadable images), cached on
+    disk keyed by the file list, the scorer and the resolution."""
     key_source = json.dumps([scorer.name, resolution, pool.crop_alpha, pool.fit, pool.files])
     key = hashlib.sha256(key_source.encode()).hexdigest()[:16]
     cache = cache_dir / f"{scorer.name.replace('/', '_').replace(':', '_')}-{key}.safetensors"
@@ -220,12 +235,19 @@ def pool_features(pool: Pool, scorer: Any, resolution: int, cache_dir: Path,
                 return tensors["features"]
         except Exception:  # a corrupt cache is recomputed, never trusted
             pass
-    chunks = []
+    loaded: dict[int, torch.Tensor] = {}  # pool index -> feature (readable images only)
     for start in tqdm(range(0, len(pool.files), batch_size), desc=f"pool features ({pool.name})",
                       disable=not progress):
-        images = load_pool_images(pool, pool.files[start:start + batch_size], resolution)
-        chunks.append(scorer.images(images).cpu())
-    features = torch.cat(chunks)
+        images, ok = load_pool_images(pool, pool.files[start:start + batch_size], resolution)
+        if len(images):
+            indices = [start + i for i, good in enumerate(ok) if good]
+            loaded.update(zip(indices, scorer.images(images).cpu(), strict=True))
+    if not loaded:
+        raise TintError(f"pool {pool.name}: no image could be read")
+    dim = next(iter(loaded.values())).shape[0]
+    features = torch.full((len(pool.files), dim), float("nan"))
+    for index, feature in loaded.items():
+        features[index] = feature
     save_tensors(cache, {"features": features}, {"count": len(pool.files), "pool": pool.name,
                                                  "scorer": scorer.name, "resolution": resolution})
     return features
@@ -234,7 +256,7 @@ def pool_features(pool: Pool, scorer: Any, resolution: int, cache_dir: Path,
 def select(similarity: torch.Tensor, threshold: float, limit: int) -> list[int]:
     """Indices of the best matches above `threshold`, best first, at most `limit`."""
     order = torch.argsort(similarity, descending=True, stable=True)
-    keep = [int(i) for i in order if float(similarity[i]) > threshold]
+    keep = [int(i) for i in order if float(similarity[i]) > threshold]  # NaN (unreadable) fails
     return keep[:limit]
 
 
@@ -271,7 +293,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
     for start in range(0, len(ranks), s.batch_size):
         batch = ranks[start:start + s.batch_size]
         files = [pool.files[chosen[r]] for r in batch]
-        images = load_pool_images(pool, files, resolution)
+        images, _ = load_pool_images(pool, files, resolution)  # all loaded before
         rows = [{"source": f, "similarity": float(similarity[chosen[r]]), "rank": r,
                  "threshold": threshold, "pool": pool.name, "similarity_kind": scorer.kind,
                  "generator": NAME} for r, f in zip(batch, files, strict=True)]
