@@ -122,19 +122,24 @@ def bench_plain_ti(backbone, n: int, batch: int, steps: int, repeats: int) -> di
 
 
 def bench_inversions(backbone, steps: int, ti_steps: int, repeats: int) -> dict:
-    from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
-
+    """Median TI step over `repeats` runs; one full NTI (it is long and steady)."""
     from tint.diffusion.null_text import NullTextConfig, null_text_inversion
+    from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
 
     images = torch.nn.functional.interpolate(torch.rand(5, 3, 4, 4), size=backbone.resolution,
                                              mode="bilinear")
-    config = TextualInversionConfig(placeholder="<tint-ti-bench>", steps=ti_steps)
-    t_ti = median_time(lambda: textual_inversion(backbone, images, config), repeats)
+    names = iter(range(10**6))  # a fresh placeholder token per run
+
+    def run_ti() -> None:
+        config = TextualInversionConfig(placeholder=f"<ti-bench-{next(names)}>", steps=ti_steps)
+        textual_inversion(backbone, images, config, progress=False)
+
+    t_ti = median_time(run_ti, repeats)
     cond = backbone.encode_prompt(["a photo of an object"])
     empty = backbone.encode_prompt([""])
     z0 = backbone.encode_images(images[:1])
     nti = NullTextConfig(num_steps=steps, inner_steps=10, schedule="constant")
-    t_nti = median_time(lambda: null_text_inversion(backbone, z0, cond, empty, nti), repeats)
+    t_nti = median_time(lambda: null_text_inversion(backbone, z0, cond, empty, nti), 1)
     return {"ti_step_s": t_ti / ti_steps, "nti_s": t_nti,
             "nti_setting": f"{steps} steps x 10 inner (constant lr, no early stop)"}
 
@@ -145,7 +150,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--ti-steps", type=int, default=20)
+    parser.add_argument("--ti-steps", type=int, default=20, help="TI steps per timed run")
+    parser.add_argument("--nti-steps", type=int, default=50, help="DDIM steps of the timed NTI")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -158,15 +164,20 @@ def main() -> None:
             "threads": torch.get_num_threads(),
             "unet_params": sum(p.numel() for p in backbone.unet.parameters()),
             "resolution": args.resolution,
-            "tint_generate": bench_tint(backbone, Path(tmp), args.images, args.batch_size,
-                                        args.steps, args.repeats),
-            "plain_ti": bench_plain_ti(backbone, args.images, args.batch_size, args.steps,
-                                       args.repeats),
-            "inversions": bench_inversions(backbone, args.steps, args.ti_steps, args.repeats),
         }
-    print(json.dumps(results, indent=2))
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
+        sections = {
+            "tint_generate": lambda: bench_tint(backbone, Path(tmp), args.images,
+                                                args.batch_size, args.steps, args.repeats),
+            "plain_ti": lambda: bench_plain_ti(backbone, args.images, args.batch_size,
+                                               args.steps, args.repeats),
+            "inversions": lambda: bench_inversions(backbone, args.nti_steps, args.ti_steps,
+                                                   args.repeats),
+        }
+        for name, run in sections.items():  # report each part as soon as it is measured
+            results[name] = run()
+            print(json.dumps({name: results[name]}, indent=2), flush=True)
+            if args.json:
+                args.json.write_text(json.dumps(results, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -49,6 +49,12 @@ SD15_TEXT = dict(
     num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
     projection_dim=768,
 )
+# --smoke: the same shapes with narrow layers, to check this script end to end in seconds
+SMOKE_UNET = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
+                  cross_attention_dim=32)
+SMOKE_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)
+SMOKE_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, projection_dim=32)
 TEXT_LEN, LATENT, STEPS, INNER = 77, 64, 50, 10
 PAPER = {"ti_steps": 5000, "supports": 5, "images_per_class": 4000}
 
@@ -71,8 +77,10 @@ def workloads(unet, vae, text, device, dtype) -> dict[str, Callable[[], object]]
     def z(batch: int) -> torch.Tensor:
         return torch.randn(batch, 4, LATENT, LATENT, device=device, dtype=dtype)
 
+    width = int(SD15_TEXT["hidden_size"])
+
     def emb(batch: int, grad: bool = False) -> torch.Tensor:
-        return torch.randn(batch, TEXT_LEN, 768, device=device, dtype=dtype, requires_grad=grad)
+        return torch.randn(batch, TEXT_LEN, width, device=device, dtype=dtype, requires_grad=grad)
 
     t = torch.tensor([500], device=device)
     ids = torch.randint(0, 49408, (1, TEXT_LEN), device=device)
@@ -162,7 +170,6 @@ def full_timings(device: torch.device, gen_dtype: torch.dtype, ti_steps: int,
                  batch: int) -> dict[str, float]:
     """Run tint's own TI / NTI / generation code on the SD 1.5 architecture."""
     from diffusers import DDIMScheduler
-    from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
     from transformers import CLIPTokenizer
 
     from tint.diffusion.backbone import (
@@ -171,6 +178,7 @@ def full_timings(device: torch.device, gen_dtype: torch.dtype, ti_steps: int,
         write_tiny_clip_tokenizer,
     )
     from tint.diffusion.null_text import NullTextConfig, null_text_inversion
+    from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
     from tint.generators.tint import (
         GenerateSettings,
         draw_image,
@@ -226,8 +234,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats per call")
     parser.add_argument("--ti-steps", type=int, default=20, help="TI steps timed (full mode)")
     parser.add_argument("--batch", type=int, default=8, help="generation batch (full mode)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="narrow layers, same shapes: checks the script, times nothing useful")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.smoke:
+        SD15_UNET.update(SMOKE_UNET)
+        SD15_VAE.update(SMOKE_VAE)
+        SD15_TEXT.update(SMOKE_TEXT)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from tint.errors import TintError
+from tint.io import load_tensors
 from tint.students import create_student
 from tint.students.distill import (
     CHECKPOINT_NAME,
@@ -19,10 +20,10 @@ from tint.students.distill import (
     distillation_loss,
     enabled_sources,
     load_student,
+    query_accuracy,
     random_resized_crop_flip,
     source_indices,
 )
-from tint.io import load_tensors
 
 RES = 32
 N_WAY = 3
@@ -156,13 +157,15 @@ def test_killed_run_resumes_to_bit_identical_weights(tmp_path):
     assert all(torch.equal(loaded.state_dict()[k], new_state[k]) for k in new_state)
 
 
-def test_training_changes_predictions_towards_support_labels(tmp_path):
-    sources = {"support": _sources()["support"]}
+def test_training_fits_the_support_labels(tmp_path):
+    support = _sources()["support"]
     student = _student()
     cfg = _config(iterations=30, batch_size=6, augment=False, lr_drop_at=None,
-                  checkpoint_every=30, sources=("support",))
-    result = distill(student, sources, cfg, tmp_path, progress=False)
+                  checkpoint_every=30, eval_every=30, sources=("support",))
+    eval_fn = query_accuracy(support.images, support.targets)
+    result = distill(student, {"support": support}, cfg, tmp_path, eval_fn, progress=False)
     assert result.history[-1]["loss"] < result.history[0]["loss"] * 0.5
+    assert result.history[-1]["accuracy"] == 1.0
 
 
 def test_nan_loss_stops_with_stage_and_step_and_keeps_checkpoint(tmp_path):
@@ -181,3 +184,14 @@ def test_changed_settings_do_not_resume_silently(tmp_path):
     distill(_student(), _sources(), _config(iterations=3), tmp_path, progress=False)
     with pytest.raises(TintError, match="different distillation settings"):
         distill(_student(), _sources(), _config(iterations=3, lr=0.5), tmp_path, progress=False)
+
+
+def test_bf16_channels_last_option_trains(tmp_path):
+    student = _student()
+    cfg = _config(iterations=2, bf16=True, channels_last=True)
+    result = distill(student, _sources(), cfg, tmp_path, progress=False)
+    assert all(math.isfinite(e["loss"]) for e in result.history)
+    loaded, _ = load_student(result.final_path)
+    x = torch.rand(2, 3, RES, RES)
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), student.eval()(x), atol=1e-5)

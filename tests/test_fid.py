@@ -155,8 +155,8 @@ def _blob_images(color: tuple[float, float, float], n: int, seed: int) -> torch.
 
 
 def test_fid_separates_different_image_sets(efficientnet_features):
-    red_a, red_b = _blob_images((0.9, 0.1, 0.1), 12, 0), _blob_images((0.9, 0.1, 0.1), 12, 1)
-    blue = _blob_images((0.1, 0.1, 0.9), 12, 2)
+    red_a, red_b = _blob_images((0.9, 0.1, 0.1), 8, 0), _blob_images((0.9, 0.1, 0.1), 8, 1)
+    blue = _blob_images((0.1, 0.1, 0.9), 8, 2)
     same_kind = fid_between(red_a, red_b, efficientnet_features)
     other_kind = fid_between(red_a, blue, efficientnet_features)
     assert other_kind > 3 * same_kind
@@ -194,12 +194,12 @@ def _write_class_folders(root, colours, n):
 
 
 def test_tint_fid_cli_protocol_and_flat_sets(tmp_path, capsys):
-    colours = {"apple": (0.9, 0.1, 0.1), "sky": (0.2, 0.4, 0.9), "grass": (0.1, 0.8, 0.2)}
-    _write_class_folders(tmp_path / "real", colours, 6)
-    _write_class_folders(tmp_path / "gen", colours, 6)
+    colours = {"apple": (0.9, 0.1, 0.1), "sky": (0.2, 0.4, 0.9)}
+    _write_class_folders(tmp_path / "real", colours, 4)
+    _write_class_folders(tmp_path / "gen", colours, 4)
     out = tmp_path / "fid.json"
     code = main(["fid", "--real", str(tmp_path / "real"), "--generated", str(tmp_path / "gen"),
-                 "--per-class", "5", "--episodes", "2", "--n-way", "2", "--out", str(out)])
+                 "--per-class", "3", "--episodes", "2", "--n-way", "2", "--out", str(out)])
     assert code == 0
     result = json.loads(out.read_text())
     assert result["features"] == "efficientnet-lite0-64"
@@ -207,7 +207,24 @@ def test_tint_fid_cli_protocol_and_flat_sets(tmp_path, capsys):
     assert len(result["fid_per_episode"]) == 2 and np.isfinite(result["fid_mean"])
     assert "efficientnet-lite0-64" in capsys.readouterr().out
 
+    # real images straight from a dataset spec, generated images from a generator's manifest
+    from tint.generators.base import image_relpath, write_image, write_manifest_rows
+
+    gen_out = tmp_path / "generated"
+    for name, colour in colours.items():
+        rows = []
+        for i, image in enumerate(_blob_images(colour, 3, 7)):
+            write_image(gen_out / image_relpath(name, i), image)
+            rows.append({"file": image_relpath(name, i), "class": name, "index": i})
+        write_manifest_rows(gen_out, rows)
+    code = main(["fid", "--real-dataset", f"folder:{tmp_path / 'real'}", "--resolution", "24",
+                 "--generated", str(gen_out), "--per-class", "3", "--episodes", "1",
+                 "--out", str(out)])
+    result = json.loads(out.read_text())
+    assert code == 0 and len(result["episodes"][0]) == 2
+    assert all(row["n_generated"] == 3 for row in result["per_class"])
+
     code = main(["fid", "--real", str(tmp_path / "real" / "apple"),
                  "--generated", str(tmp_path / "gen" / "apple"), "--out", str(out)])
-    assert code == 0 and json.loads(out.read_text())["n_real"] == 6
+    assert code == 0 and json.loads(out.read_text())["n_real"] == 4
     assert main(["fid", "--real", str(tmp_path / "nope"), "--generated", str(tmp_path)]) == 2

@@ -269,3 +269,83 @@ def test_bad_generate_settings(backbone, artifact, tmp_path):
             generate(backbone, artifact, 2, tmp_path, settings=settings)
     with pytest.raises(TintError, match="generator"):
         create_generator("no-such-generator")
+
+
+# --- Algorithm 1 end to end -------------------------------------------------------------------
+
+FAST = {"ti_steps": 3, "num_steps": STEPS, "nti_inner_steps": 10, "nti_lr": 0.1,
+        "nti_schedule": "constant", "dataset_resolution": 20, "progress": False}
+
+
+def test_specialize_writes_artifact_and_alpha_zero_reconstructs(backbone, tmp_path):
+    from tint.diffusion.textual_inversion import load_textual_inversion_file
+
+    support = smooth_images(2, 20, seed=5)
+    path = specialize(backbone, "dog house", support, tmp_path, FAST)
+    assert path.name == "dog_house-" + path.name.split("-")[1]  # sanitised, kept distinct
+    art = load_tint_artifact(path)
+    meta = art.meta
+    assert meta["settings"]["ti_steps"] == 3 and meta["settings"]["nti_lr"] == 0.1
+    assert meta["class"] == "dog house" and meta["support_count"] == 2
+    assert meta["bridge"] == [32] and meta["dataset_resolution"] == 20
+    assert art.uncond.shape == (2, STEPS, backbone.text_length, 32)
+    token, vector = load_textual_inversion_file(path.with_suffix(".ti.safetensors"))
+    assert token == art.token and torch.equal(vector, art.embedding)
+
+    # alpha = 0 starts from z_T,k and uses u_t,k: it lands on the support's latent far more
+    # closely than the same CFG sampling with the plain empty-prompt embedding.
+    draws = draws_for(path, backbone, range(4), alpha=0.0)
+    cond = tint_gen.prepare_backbone(backbone, art)
+    latents = tint_gen.sample_latents(backbone, art, draws, cond, 7.5)
+    z0 = backbone.encode_images(load_tensors(path)[0]["support"])
+    empty = backbone.encode_prompt([""])
+    for draw, latent in zip(draws, latents, strict=True):
+        plain = ddim_sample(backbone, art.z_T[draw.k:draw.k + 1], cond, empty, 7.5, STEPS)
+        nti_error = torch.mean((latent - z0[draw.k]) ** 2)
+        plain_error = torch.mean((plain[0] - z0[draw.k]) ** 2)
+        assert nti_error * 10 < plain_error
+
+
+def test_cli_specialize_then_generate(tmp_path, capsys):
+    from PIL import Image
+
+    from tint.cli import main
+
+    root = tmp_path / "data"
+    for c, name in enumerate(["apple", "boat"]):
+        (root / name).mkdir(parents=True)
+        for i in range(3):
+            colour = (200 * c + 20 * i, 80, 255 - 40 * i)
+            Image.new("RGB", (30, 30), colour).save(root / name / f"{i}.png")
+    art, gen = tmp_path / "artifacts", tmp_path / "images"
+    specialize_args = ["specialize", "--backbone", "tiny", "--dataset", f"folder:{root}",
+                       "--resolution", "24", "--n-way", "2", "--k-shot", "2", "--ti-steps", "2",
+                       "--num-steps", "4", "--nti-inner-steps", "2", "--out", str(art),
+                       "--threads", "1"]
+    assert main(specialize_args) == 0
+    assert sorted(p.name for p in art.glob("*.safetensors")) == [
+        "apple.safetensors", "apple.ti.safetensors", "boat.safetensors", "boat.ti.safetensors"]
+    generate_args = ["generate", "--artifacts", str(art), "--n-per-class", "3", "--batch-size",
+                     "2", "--alpha-range", "0.5", "1.0", "--out", str(gen), "--threads", "1"]
+    assert main(generate_args) == 0
+    rows = read_manifest(gen)
+    assert sorted((r["class"], r["index"]) for r in rows) == [
+        ("apple", 0), ("apple", 1), ("apple", 2), ("boat", 0), ("boat", 1), ("boat", 2)]
+    assert all(Image.open(gen / r["file"]).size == (24, 24) for r in rows)
+    before = {r["file"]: (gen / r["file"]).stat().st_mtime_ns for r in rows}
+    capsys.readouterr()
+    assert main(specialize_args) == 0  # resumed: nothing to do
+    assert "2 of 2 classes already done" in capsys.readouterr().out
+    assert main(generate_args) == 0
+    assert {r["file"]: (gen / r["file"]).stat().st_mtime_ns for r in read_manifest(gen)} == before
+    changed = specialize_args[:-4] + ["--ti-steps", "3", "--out", str(art)]
+    assert main(changed) == 2  # other settings on the same folder: refused, not overwritten
+
+
+def test_resume_refuses_to_mix_seeds_or_alphas(backbone, artifact, tmp_path):
+    out = tmp_path / "gen"
+    generate(backbone, artifact, 2, out, seed=0, settings={"progress": False})
+    for seed, settings in [(1, {}), (0, {"alpha": 0.5})]:
+        with pytest.raises(TintError, match="another output folder"):
+            generate(backbone, artifact, 3, out, seed=seed, settings={**settings, "progress": False})
+    assert len(read_manifest(out)) == 2

@@ -427,10 +427,20 @@ def _uses_synthetic(ctx: RunContext) -> bool:
     return wanted and gen.name != "none" and gen.images_per_class > 0
 
 
-def _backbone(ctx: RunContext):
+def _backbone(ctx: RunContext, fresh: bool = False):
+    """The generator's diffusion backbone: shared for generation, fresh for specialisation.
+
+    Specialisation adds the class token to the tokenizer; a backbone that has already
+    specialised other classes (or the same class for another episode) would give the new
+    token another name and id, so the artifact would depend on which stages ran before
+    in this process. A fresh backbone keeps each specialisation a function of its inputs,
+    whatever was skipped on a resume.
+    """
     from tint.diffusion.backbone import load_backbone
 
     spec = ctx.config.generator.backbone
+    if fresh:
+        return load_backbone(spec)
     return ctx.cached(f"backbone:{spec}", lambda: load_backbone(spec))
 
 
@@ -455,7 +465,7 @@ def specialize_and_generate(ctx: RunContext, episode: EpisodeData) -> list[list[
 
         def do_specialize(folder: Path, name=name, c=c) -> dict:
             support = ctx.dataset.load_tensor(episode.support[c])
-            path = generator.specialize(_backbone(ctx), name, support, folder, spec_settings)
+            path = generator.specialize(_backbone(ctx, fresh=True), name, support, folder, spec_settings)
             return {"artifact": Path(path).name}
 
         spec_marker = run_stage(ctx, "specialize", spec_dir, spec_key, label, do_specialize)
@@ -592,7 +602,9 @@ def pseudo_label(ctx: RunContext, episode: EpisodeData, teacher_dir: Path,
     from tint.io import save_tensors
 
     synthetic_flat = [p for paths in synthetic for p in paths]
-    key = {"teacher": _teacher_key(ctx), "episode": episode.key, "synthetic": synthetic_flat}
+    # Keyed by the images' place in the store, so a moved store keeps its keys.
+    relative = [str(Path(p).relative_to(ctx.store)) for p in synthetic_flat]
+    key = {"teacher": _teacher_key(ctx), "episode": episode.key, "synthetic": relative}
     folder = ctx.store / "pseudo" / stable_hash(key)
     label = episode.label
 
@@ -604,7 +616,7 @@ def pseudo_label(ctx: RunContext, episode: EpisodeData, teacher_dir: Path,
         check_finite("pseudo-label", label, "teacher probabilities (synthetic)", syn)
         save_tensors(f / "pseudo_labels.safetensors", {"base": base, "synthetic": syn},
                      {"classes": episode.classes, "base_items": episode.base,
-                      "synthetic_items": synthetic_flat})
+                      "synthetic_items": relative})
         return {"n_base": len(base), "n_synthetic": len(syn)}
 
     run_stage(ctx, "pseudo-label", folder, key, label, work)

@@ -112,7 +112,7 @@ class DiffusionBackbone:
     def downscale_factor(self) -> int:
         """Image side / latent side (8 for SD's VAE, 1 in pixel space)."""
         if self.is_pixel_space:
-            return 1
+            return int(getattr(self.vae, "downscale_factor", 1))  # 2 for space-to-depth
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     @property
@@ -204,7 +204,7 @@ def load_stable_diffusion(
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    source = _resolve_sd_source(path_or_id, local_files_only)
+    source = _resolve_sd_source(path_or_id)
     common = {"local_files_only": local_files_only}
     try:
         unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **common)
@@ -212,7 +212,7 @@ def load_stable_diffusion(
         text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **common)
         tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **common)
         scheduler = DDIMScheduler.from_config(_scheduler_config(source, local_files_only))
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         raise TintError(
             f"could not load a Stable Diffusion model from {path_or_id!r}: {err}. Pass a local "
             "diffusers folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/) or a hub id "
@@ -224,7 +224,7 @@ def load_stable_diffusion(
     return DiffusionBackbone(unet, scheduler, vae, text_encoder, tokenizer, resolution=side)
 
 
-def _resolve_sd_source(path_or_id: str | Path, local_files_only: bool) -> str:
+def _resolve_sd_source(path_or_id: str | Path) -> str:
     """A local folder is checked for SD's layout; anything else must look like a hub id."""
     path = Path(path_or_id).expanduser()
     if path.is_dir():
@@ -243,10 +243,8 @@ def _resolve_sd_source(path_or_id: str | Path, local_files_only: bool) -> str:
             f"model folder {text} does not exist. Pass a diffusers Stable Diffusion folder "
             f"(unet/, vae/, text_encoder/, tokenizer/) or a hub id such as {SD15_HUB_ID}"
         )
-    if local_files_only:
-        # A hub id that is not in the local cache fails inside from_pretrained with a clear
-        # OSError, which load_stable_diffusion turns into a TintError.
-        pass
+    # A hub id missing from the local cache (with local_files_only) fails inside
+    # from_pretrained with an OSError, which load_stable_diffusion turns into a TintError.
     return text
 
 
@@ -412,6 +410,44 @@ def build_tiny_backbone(
     return backbone
 
 
+def build_random_sd15_backbone(workdir: str | Path, seed: int = 0,
+                               device: str | torch.device = "cpu") -> DiffusionBackbone:
+    """Stable Diffusion 1.5's architecture (860M-param UNet, its VAE, CLIP ViT-L/14 text
+    encoder) with random weights: for timing and FLOP counts where no weights exist.
+    The tokenizer is the small test vocabulary (ids fit in CLIP's 49408-row table)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(
+        str(write_tiny_clip_tokenizer(Path(workdir) / "tiny_tokenizer", max_length=77))
+    )
+    torch.manual_seed(seed)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    ))
+    vae = AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
+        sample_size=512,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64, in_channels=4, out_channels=4,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
+        cross_attention_dim=768, attention_head_dim=8,
+    )
+    for module in (unet, vae, text_encoder):
+        module.to(device).eval().requires_grad_(False)
+    scheduler = DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG)
+    backbone = DiffusionBackbone(unet, scheduler, vae, text_encoder, tokenizer, resolution=512)
+    _calibrate_latent_scale(backbone, seed, count=2)
+    return backbone
+
+
 def _tiny_text_encoder(tokenizer, text_length: int) -> nn.Module:
     from transformers import CLIPTextConfig, CLIPTextModel
 
@@ -462,11 +498,11 @@ def _tiny_unet(channels: int, sample_size: int) -> nn.Module:
     )
 
 
-def _calibrate_latent_scale(backbone: DiffusionBackbone, seed: int) -> None:
+def _calibrate_latent_scale(backbone: DiffusionBackbone, seed: int, count: int = 8) -> None:
     """Set the VAE scaling factor so that latents of random smooth images have unit std."""
     generator = torch.Generator().manual_seed(seed + 1)
     side = backbone.resolution
-    coarse = torch.rand(8, 3, side // 4, side // 4, generator=generator)
+    coarse = torch.rand(count, 3, side // 4, side // 4, generator=generator)
     images = nn.functional.interpolate(coarse, size=(side, side), mode="bilinear")
     backbone.latent_scale = 1.0
     std = float(backbone.encode_images(images).std())
@@ -478,9 +514,13 @@ def _calibrate_latent_scale(backbone: DiffusionBackbone, seed: int) -> None:
 
 
 def load_backbone(spec: str | Path, **kwargs: Any) -> DiffusionBackbone:
-    """Backbone by spec: "tiny" (latent, eps), "tiny-pixel-v" (pixel, v), a tint small
-    generator folder (has ``tint_generator.json``), or an SD folder / hub id."""
+    """Backbone by spec: "tiny" (latent, eps), "tiny-pixel-v" (pixel, v), "sd15-random"
+    (SD 1.5 architecture, random weights), a tint small generator folder (has
+    ``tint_generator.json``), or an SD folder / hub id."""
     text = str(spec)
+    if text == "sd15-random":
+        workdir = kwargs.pop("workdir", None) or tempfile.mkdtemp(prefix="tint_sd15_")
+        return build_random_sd15_backbone(workdir, **kwargs)
     if text in ("tiny", "tiny-pixel-v"):
         workdir = kwargs.pop("workdir", None) or tempfile.mkdtemp(prefix="tint_tiny_")
         if text == "tiny-pixel-v":

@@ -95,7 +95,7 @@ class DiffusersSuperResolver:
 
     @torch.no_grad()
     def __call__(self, x01: torch.Tensor) -> torch.Tensor:
-        kwargs = {"image": x01 * 2 - 1, "num_inference_steps": self.steps, "output_type": "pt"}
+        kwargs = {"image": x01, "num_inference_steps": self.steps, "output_type": "pt"}
         if "prompt" in _call_parameters(self.pipe):  # text-guided upscalers want a prompt
             kwargs["prompt"] = [""] * x01.shape[0]
         out = self.pipe(**kwargs).images

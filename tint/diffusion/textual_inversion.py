@@ -95,11 +95,30 @@ def add_placeholder_token(backbone, token: str, init_word: str = "object") -> in
             "placeholder (e.g. '<tint-1>') or a fresh backbone"
         )
     token_id = tokenizer.convert_tokens_to_ids(token)
-    encoder.resize_token_embeddings(len(tokenizer))
+    encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
     with torch.no_grad():
         table = encoder.get_input_embeddings().weight
         table[token_id] = table[init_ids[0]]
     return int(token_id)
+
+
+def install_token_embedding(backbone, token: str, vector: torch.Tensor) -> int:
+    """Make `token` mean `vector` in this backbone (add it if absent): how a saved class
+    embedding is used again, e.g. by the generate stage on a freshly loaded backbone."""
+    tokenizer, encoder = backbone.tokenizer, backbone.text_encoder
+    if token not in tokenizer.get_vocab():
+        tokenizer.add_tokens([token])
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    token_id = int(tokenizer.convert_tokens_to_ids(token))
+    table = encoder.get_input_embeddings().weight
+    if vector.reshape(-1).shape[0] != table.shape[1]:
+        raise TintError(
+            f"embedding for {token!r} has {vector.numel()} values but this text encoder uses "
+            f"{table.shape[1]}; it was learned with another model"
+        )
+    with torch.no_grad():
+        table[token_id] = vector.reshape(-1).to(table.device, table.dtype)
+    return token_id
 
 
 class _PlaceholderEmbedding(nn.Module):
@@ -144,6 +163,11 @@ def sample_training_timesteps(
 ) -> torch.Tensor:
     """t ~ U{t_min, ..., t_max - 1} (Eq. 1 restricted to t >= t_min)."""
     return torch.randint(t_min, t_max, (batch,), generator=generator)
+
+
+def sample_training_noise(generator: torch.Generator, shape: tuple[int, ...]) -> torch.Tensor:
+    """The noise of Eq. 1, drawn on the CPU so a seed gives the same run on any device."""
+    return torch.randn(shape, generator=generator)
 
 
 def diffusion_target(backbone, z0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor):
@@ -213,9 +237,14 @@ def _batch_loss(backbone, latents, input_ids, generator, config, t_min, t_max) -
     picks = torch.randint(latents.shape[0], (config.batch_size,), generator=generator)
     z0 = latents[picks.to(latents.device)]
     t = sample_training_timesteps(generator, config.batch_size, t_min, t_max)
-    noise = torch.randn(z0.shape, generator=generator).to(z0.device)
+    noise = sample_training_noise(generator, tuple(z0.shape)).to(z0.device)
+    return denoising_loss(backbone, z0, t, noise, input_ids)
+
+
+def denoising_loss(backbone, z0, t, noise, input_ids) -> torch.Tensor:
+    """Eq. 1 for given latents, timesteps, noise and prompt ids (batch 1 ids broadcast)."""
     noisy, target = diffusion_target(backbone, z0, noise, t)
-    text = backbone.encode_ids(input_ids.expand(config.batch_size, -1))
+    text = backbone.encode_ids(input_ids.expand(z0.shape[0], -1))
     pred = unet_output(backbone, noisy, t, text)
     return torch.mean((pred - target.float()) ** 2)
 

@@ -24,6 +24,7 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -50,8 +51,21 @@ PYTORCH_FID_WEIGHTS_URL = (
     "https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/" + PYTORCH_FID_WEIGHTS
 )
 
-# An image source: a file path, or one image tensor [3, H, W] in [0, 1].
-ImageSource = str | Path | torch.Tensor
+
+
+@dataclass(frozen=True)
+class DatasetImage:
+    """An item of a FewShotDataset, loaded only when its features are needed."""
+
+    dataset: Any
+    item: str
+
+    def tensor(self) -> torch.Tensor:
+        return self.dataset.load_tensor([self.item])[0]
+
+
+# An image source: a file path, one image tensor [3, H, W] in [0, 1], or a dataset item.
+ImageSource = str | Path | torch.Tensor | DatasetImage
 
 
 # --------------------------------------------------------------------------- statistics
@@ -236,6 +250,8 @@ def create_extractor(name: str, inception_weights: str | Path | None = None) -> 
 
 def load_image_tensor(source: ImageSource) -> torch.Tensor:
     """One image as [3, H, W] float in [0, 1] at its own resolution (the extractor resizes)."""
+    if isinstance(source, DatasetImage):
+        return source.tensor()
     if isinstance(source, torch.Tensor):
         if source.ndim != 3 or source.shape[0] != 3:
             raise TintError(f"FID: image tensors must be [3, H, W], got {tuple(source.shape)}")

@@ -19,6 +19,7 @@ from tint.errors import TintError
 from tint.evaluation.fid import (
     FEATURE_DESCRIPTIONS,
     FEATURE_SETS,
+    DatasetImage,
     create_extractor,
     fid_between,
     fid_protocol,
@@ -68,9 +69,25 @@ def flat_images(paths: list[Path], option: str) -> list[Path]:
     return images
 
 
+def real_classes(args: argparse.Namespace) -> dict | None:
+    """Real images by class (None: a flat set) from --real or --real-dataset."""
+    if args.real_dataset is None:
+        return classes_in(args.real[0]) if len(args.real) == 1 else None
+    from tint.data.datasets import load_dataset
+
+    dataset = load_dataset(args.real_dataset, resolution=args.resolution)
+    return {name: [DatasetImage(dataset, item) for item in items]
+            for name, items in dataset.items.items()}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--real", nargs="+", type=Path, required=True,
-                        help="real images: a folder of class sub-folders, a flat folder, or files")
+    real = parser.add_mutually_exclusive_group(required=True)
+    real.add_argument("--real", nargs="+", type=Path,
+                      help="real images: a folder of class sub-folders, a flat folder, or files")
+    real.add_argument("--real-dataset", metavar="SPEC",
+                      help="real images from a dataset (e.g. openclipart, folder:ROOT), per class")
+    parser.add_argument("--resolution", type=int, default=84,
+                        help="with --real-dataset: load its images at this size (default 84)")
     parser.add_argument("--generated", nargs="+", type=Path, required=True,
                         help="generated images: a generator output folder (manifest.jsonl), "
                              "a folder of class sub-folders, a flat folder, or files")
@@ -92,7 +109,7 @@ def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     if args.per_class < 2 or args.episodes < 1 or args.n_way < 1:
         raise TintError("--per-class must be >= 2, --episodes and --n-way >= 1")
-    real = classes_in(args.real[0]) if len(args.real) == 1 else None
+    real = real_classes(args)
     generated = classes_in(args.generated[0]) if len(args.generated) == 1 else None
     extractor = create_extractor(args.features, args.inception_weights)
     description = FEATURE_DESCRIPTIONS[args.features]
@@ -100,7 +117,8 @@ def run(args: argparse.Namespace) -> int:
     if real is not None and generated is not None:
         common = sorted(set(real) & set(generated))
         if not common:
-            raise TintError(f"--real {args.real[0]} and --generated {args.generated[0]} share no "
+            where = args.real_dataset or args.real[0]
+            raise TintError(f"real images ({where}) and --generated {args.generated[0]} share no "
                             f"class names (real: {sorted(real)[:5]}, generated: {sorted(generated)[:5]})")
         report = fid_protocol(
             {c: real[c] for c in common}, {c: generated[c] for c in common}, extractor,
@@ -113,6 +131,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"episode {e}: FID {value:.3f}  classes {', '.join(classes)}")
         print(f"FID ({args.features}, mean of {len(report.per_episode)} episodes): {report.mean:.3f}")
     else:
+        if args.real is None:
+            raise TintError(f"--real-dataset needs --generated to be organised by class (a "
+                            f"generator output folder or class sub-folders): {args.generated}")
         images_real = flat_images(args.real, "--real")
         images_gen = flat_images(args.generated, "--generated")
         value = fid_between(images_real, images_gen, extractor, args.batch_size)

@@ -67,9 +67,13 @@ def settings_from(cls: type, settings: Any) -> Any:
     raise TintError(f"{cls.__name__}: expected a mapping or {cls.__name__}, got {type(settings).__name__}")
 
 
+NOT_RECORDED = ("progress",)  # display-only settings: never make an artifact stale
+
+
 def settings_dict(settings: Any) -> dict[str, Any]:
     """JSON-able dict of a (possibly nested) settings dataclass, for artifact metadata."""
     data = asdict(settings) if is_dataclass(settings) else dict(settings)
+    data = {k: v for k, v in data.items() if k not in NOT_RECORDED}
     return json.loads(json.dumps(data, default=str))
 
 
@@ -164,19 +168,18 @@ def artifact_is_complete(path: str | Path, required: Iterable[str] = (),
     return settings is None or meta.get("settings") == settings_dict(settings)
 
 
-def save_textual_inversion_file(path: str | Path, token: str, embedding: torch.Tensor) -> Path:
-    """The diffusers textual-inversion format: a safetensors file {token: vector [1, D]}.
-
-    ``pipe.load_textual_inversion(path)`` reads it into any diffusers SD pipeline.
-    """
-    vector = embedding.detach().float().reshape(1, -1).cpu()
-    check_finite({token: vector}, str(path))
-    save_tensors(path, {token: vector})
-    return Path(path)
-
-
 # ---------------------------------------------------------------------------------------------
 # Learned tokens
+
+
+def fresh_token(backbone: Any, token: str) -> str:
+    """`token`, or `token` with a number when the tokenizer already knows it (re-runs)."""
+    vocab = backbone.tokenizer.get_vocab()
+    candidate, n = token, 1
+    while candidate in vocab:
+        candidate = f"{token[:-1]}-{n}>" if token.endswith(">") else f"{token}-{n}"
+        n += 1
+    return candidate
 
 
 def install_token_embedding(backbone: Any, token: str, vector: torch.Tensor) -> int:
@@ -198,7 +201,7 @@ def install_token_embedding(backbone: Any, token: str, vector: torch.Tensor) -> 
         raise TintError(f"token {token!r}: embedding has {vector.numel()} values but the text "
                         f"encoder expects {table.weight.shape[1]}: artifact and backbone differ")
     if token_id >= table.weight.shape[0]:
-        encoder.resize_token_embeddings(len(tokenizer))
+        encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)  # row set below
         table = encoder.get_input_embeddings()
     with torch.no_grad():
         table.weight[token_id] = vector.reshape(-1).to(table.weight)

@@ -28,6 +28,11 @@ import torch
 from tqdm.auto import tqdm
 
 from tint.diffusion.bridge import PAPER_STEPS, ResolutionBridge, load_super_resolver
+from tint.diffusion.textual_inversion import (
+    TextualInversionConfig,
+    save_textual_inversion,
+    textual_inversion,
+)
 from tint.errors import TintError
 from tint.generators.base import (
     artifact_path,
@@ -40,13 +45,13 @@ from tint.generators.base import (
     missing_indices,
     safe_name,
     save_artifact,
-    save_textual_inversion_file,
     settings_dict,
     settings_from,
     validate_support,
     write_image,
     write_manifest_rows,
 )
+from tint.generators.tint import _fresh_token as fresh_token  # one token-naming rule for all
 
 NAME = "plain-ti"
 REQUIRED_TENSORS = ("embedding",)
@@ -57,8 +62,8 @@ TI_GENERATORS = ("plain-ti", "da-fusion", "tint")  # artifacts that carry a TI e
 class SpecializeSettings:
     """TI knobs. Defaults = the "Plain TI" row: bilinear bridge, full t range [0, 1000)."""
 
-    prompt: str = "a photo of an {token}"
-    token: str | None = None  # None: "<plain-ti-CLASS>"
+    template: str = "a photo of an {}"  # the class token goes into the {}
+    token: str | None = None  # None: "<plain-ti-class>"
     init_word: str = "object"
     ti_steps: int = 5000
     ti_lr: float = 1e-3
@@ -72,6 +77,8 @@ class SpecializeSettings:
     store_support: bool = True  # keep the bridged supports (DA-Fusion needs them)
     dataset_resolution: int | None = None  # None: the supports' size
     seed: int = 0  # TI timestep/noise draws
+    progress: bool = True
+    backbone: str | None = None  # provenance: the spec the backbone was loaded from
 
 
 @dataclass
@@ -115,34 +122,34 @@ def table3_variants(super_resolver: str = DEFAULT_SUPER_RESOLVER) -> dict[str, t
 def specialize_ti(backbone: Any, class_name: str, support: torch.Tensor, out_dir: str | Path,
                   s: SpecializeSettings, generator: str) -> Path:
     """Bridge the supports, run TI, write the artifact (last: it marks the class done)."""
-    from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
-
     _check_specialize_settings(s)
     support = validate_support(support, class_name, s.dataset_resolution)
     dataset_resolution = int(support.shape[-1])
-    token = s.token or f"<{generator}-{safe_name(class_name)}>"
+    token = fresh_token(backbone, s.token or f"<{generator}-{safe_name(class_name).lower()}>")
     bridge = ResolutionBridge(backbone.resolution, s.bridge_steps,
                               load_super_resolver(s.super_resolver, backbone.device))
     images = bridge.to_model(support)
     config = TextualInversionConfig(
-        placeholder=token, init_word=s.init_word, prompt=s.prompt, steps=s.ti_steps, lr=s.ti_lr,
-        t_min=s.ti_t_min, batch_size=s.ti_batch_size, grad_accum=s.ti_grad_accum, seed=s.seed,
+        placeholder=token, init_word=s.init_word, template=s.template,
+        steps=s.ti_steps, lr=s.ti_lr, t_min=s.ti_t_min, batch_size=s.ti_batch_size,
+        grad_accum=s.ti_grad_accum, seed=s.seed,
     )
-    ti = textual_inversion(backbone, images, config)
+    ti = textual_inversion(backbone, images, config, progress=s.progress)
     tensors = {"embedding": ti.embedding.detach().float().reshape(-1).cpu()}
     if s.store_support:
         tensors["support"] = images.float().cpu()
     meta = {
         "generator": generator, "class": class_name, "token": ti.token,
-        "prompt": s.prompt.format(token=ti.token), "num_steps": s.num_steps,
+        "prompt": s.template.format(ti.token), "num_steps": s.num_steps,
         "guidance": s.guidance, "support_count": int(support.shape[0]),
         "dataset_resolution": dataset_resolution, "model_resolution": backbone.resolution,
         "prediction_type": backbone.prediction_type, "latent_shape": list(backbone.latent_shape),
         "bridge": bridge.plan(dataset_resolution), "settings": settings_dict(s),
-        "ti_final_loss": getattr(ti, "final_loss", None),
+        "backbone": s.backbone, "ti_final_loss": ti.losses[-1] if ti.losses else None,
+        "ti_first_loss": ti.losses[0] if ti.losses else None,
     }
     target = artifact_path(out_dir, class_name)
-    save_textual_inversion_file(target.with_suffix(".ti.safetensors"), ti.token, ti.embedding)
+    save_textual_inversion(target.with_suffix(".ti.safetensors"), ti.token, ti.embedding)
     return save_artifact(target, tensors, meta)
 
 
@@ -154,10 +161,10 @@ def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: s
 
 
 def _check_specialize_settings(s: SpecializeSettings) -> None:
-    if "{token}" not in s.prompt:
-        raise TintError(f"prompt {s.prompt!r}: must contain '{{token}}' where the class word goes")
-    if s.num_steps < 1 or s.ti_steps < 0:
-        raise TintError("num_steps must be >= 1 and ti_steps >= 0")
+    if "{}" not in s.template:
+        raise TintError(f"template {s.template!r}: must contain '{{}}' where the class word goes")
+    if s.num_steps < 1 or s.ti_steps < 1:
+        raise TintError("num_steps and ti_steps must be >= 1")
     if not 0 <= s.ti_t_min < 1000:
         raise TintError(f"ti_t_min {s.ti_t_min}: must be in [0, 1000)")
 

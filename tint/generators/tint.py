@@ -25,9 +25,16 @@ import torch
 from tqdm.auto import tqdm
 
 from tint.diffusion.bridge import PAPER_STEPS, ResolutionBridge, load_super_resolver
+from tint.diffusion.null_text import NullTextConfig, null_text_inversion
+from tint.diffusion.textual_inversion import (
+    TextualInversionConfig,
+    save_textual_inversion,
+    textual_inversion,
+)
 from tint.errors import TintError
 from tint.generators.base import (
     artifact_path,
+    fresh_token,
     image_relpath,
     image_rng,
     image_seed,
@@ -35,9 +42,9 @@ from tint.generators.base import (
     load_artifact,
     manifest_paths,
     missing_indices,
+    read_manifest,
     safe_name,
     save_artifact,
-    save_textual_inversion_file,
     settings_dict,
     settings_from,
     validate_support,
@@ -53,7 +60,7 @@ REQUIRED_TENSORS = ("embedding", "z_T", "uncond", "timesteps")
 class SpecializeSettings:
     """Every knob of Algorithm 1; all of it is stored in the artifact's metadata."""
 
-    prompt: str = "a photo of an {token}"
+    template: str = "a photo of an {}"  # the class token goes into the {}
     token: str | None = None  # None: "<tint-CLASS>"
     init_word: str = "object"
     ti_steps: int = 5000
@@ -71,6 +78,7 @@ class SpecializeSettings:
     store_support: bool = True  # keep the bridged supports in the artifact (for reports)
     dataset_resolution: int | None = None  # None: the supports' size
     seed: int = 0  # TI timestep/noise draws
+    progress: bool = True
     backbone: str | None = None  # provenance: the spec the backbone was loaded from
 
 
@@ -178,28 +186,28 @@ def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: s
     s = settings_from(SpecializeSettings, settings)
     _check_specialize_settings(s)
     support = validate_support(support, class_name, s.dataset_resolution)
-    from tint.diffusion.null_text import NullTextConfig, null_text_inversion
-    from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
     dataset_resolution = int(support.shape[-1])
-    token = s.token or f"<tint-{safe_name(class_name)}>"
+    token = fresh_token(backbone, s.token or f"<tint-{safe_name(class_name).lower()}>")
     bridge = ResolutionBridge(backbone.resolution, s.bridge_steps,
                               load_super_resolver(s.super_resolver, backbone.device))
     images = bridge.to_model(support)
 
     ti_config = TextualInversionConfig(
-        placeholder=token, init_word=s.init_word, prompt=s.prompt, steps=s.ti_steps, lr=s.ti_lr,
-        t_min=s.ti_t_min, batch_size=s.ti_batch_size, grad_accum=s.ti_grad_accum, seed=s.seed,
+        placeholder=token, init_word=s.init_word, template=s.template, steps=s.ti_steps,
+        lr=s.ti_lr, t_min=s.ti_t_min, batch_size=s.ti_batch_size, grad_accum=s.ti_grad_accum,
+        seed=s.seed,
     )
-    ti = textual_inversion(backbone, images, ti_config)
+    ti = textual_inversion(backbone, images, ti_config, progress=s.progress)
     install_token_embedding(backbone, ti.token, ti.embedding)
-    prompt = s.prompt.format(token=ti.token)
+    prompt = s.template.format(ti.token)
     cond = backbone.encode_prompt([prompt])
 
     nti_config = NullTextConfig(num_steps=s.num_steps, guidance=s.guidance,
                                 inner_steps=s.nti_inner_steps, lr=s.nti_lr, schedule=s.nti_schedule)
     empty = backbone.encode_prompt([""])
     z_T, uncond = [], []
-    for k in tqdm(range(images.shape[0]), desc=f"NTI {class_name}", leave=False):
+    for k in tqdm(range(images.shape[0]), desc=f"NTI {class_name}", leave=False,
+                  disable=not s.progress):
         z0 = backbone.encode_images(images[k:k + 1])
         result = null_text_inversion(backbone, z0, cond, empty, nti_config)
         z_T.append(result.z_T.reshape(backbone.latent_shape).float().cpu())
@@ -207,14 +215,15 @@ def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: s
 
     out_dir = Path(out_dir)
     target = artifact_path(out_dir, class_name)
-    save_textual_inversion_file(target.with_suffix(".ti.safetensors"), ti.token, ti.embedding)
+    save_textual_inversion(target.with_suffix(".ti.safetensors"), ti.token, ti.embedding)
     return save_tint_artifact(  # written last: it marks the class done
         target, backbone, class_name=class_name, token=ti.token, prompt=prompt,
         embedding=ti.embedding, z_T=torch.stack(z_T), uncond=torch.stack(uncond),
         guidance=s.guidance, dataset_resolution=dataset_resolution,
         support=images if s.store_support else None,
         extra={"bridge": bridge.plan(dataset_resolution), "settings": settings_dict(s),
-               "backbone": s.backbone, "ti_final_loss": getattr(ti, "final_loss", None)},
+               "backbone": s.backbone, "ti_final_loss": ti.losses[-1] if ti.losses else None,
+               "ti_first_loss": ti.losses[0] if ti.losses else None},
     )
 
 
@@ -244,12 +253,15 @@ def save_tint_artifact(path: str | Path, backbone: Any, *, class_name: str, toke
 
 
 def _check_specialize_settings(s: SpecializeSettings) -> None:
-    if "{token}" not in s.prompt:
-        raise TintError(f"prompt {s.prompt!r}: must contain '{{token}}' where the class word goes")
-    if s.num_steps < 1 or s.ti_steps < 0 or s.nti_inner_steps < 1:
-        raise TintError("num_steps and nti_inner_steps must be >= 1, ti_steps >= 0")
+    if "{}" not in s.template:
+        raise TintError(f"template {s.template!r}: must contain '{{}}' where the class token goes")
+    if s.num_steps < 1 or s.ti_steps < 1 or s.nti_inner_steps < 1:
+        raise TintError("num_steps, ti_steps and nti_inner_steps must be >= 1")
     if s.nti_schedule not in ("decay", "constant"):
         raise TintError(f"nti_schedule {s.nti_schedule!r}: choose 'decay' or 'constant'")
+
+
+_fresh_token = fresh_token  # old private name, still imported by other generators
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,6 +334,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
     class_name = artifact.class_name
     resolution = s.resolution or int(artifact.meta["dataset_resolution"])
     guidance = artifact.meta["guidance"] if s.guidance is None else s.guidance
+    _check_same_run(out_dir, class_name, seed, s)
     todo = missing_indices(out_dir, class_name, n_images)
     if todo:
         cond = prepare_backbone(backbone, artifact)
@@ -349,6 +362,19 @@ def _write_batch(out_dir: Path, class_name: str, draws: Sequence[ImageDraw],
                      "alpha": draw.alpha, "seed": run_seed, "image_seed": draw.seed,
                      "generator": NAME})
     write_manifest_rows(out_dir, rows)
+
+
+def _check_same_run(out_dir: Path, class_name: str, seed: int, s: GenerateSettings) -> None:
+    """Resuming must not mix images of another seed or alpha setting into one folder."""
+    for row in read_manifest(out_dir):
+        if row.get("class") != class_name:
+            continue
+        lo, hi = s.alpha_range if s.alpha_range is not None else (s.alpha, s.alpha)
+        if row.get("seed") != seed or row.get("generator") != NAME or not lo <= row["alpha"] <= hi:
+            raise TintError(f"{out_dir}: holds {class_name!r} images made with generator "
+                            f"{row.get('generator')!r}, seed {row.get('seed')}, alpha "
+                            f"{row.get('alpha')}; this run asks for {NAME!r}, seed {seed}, "
+                            f"alpha {[lo, hi]}: choose another output folder")
 
 
 def _check_generate_settings(s: GenerateSettings, n_images: int) -> None:

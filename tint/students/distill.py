@@ -72,6 +72,7 @@ class DistillConfig:
     eval_every: int = 500
     checkpoint_every: int = 500
     log_every: int = 10  # loss entries in the history
+    device: str = "cpu"  # e.g. "cuda"; exact resume is guaranteed on CPU only
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -232,7 +233,7 @@ def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator,
     theta[:, 0, 2] = cx
     theta[:, 1, 1] = height
     theta[:, 1, 2] = cy
-    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -243,7 +244,7 @@ def distillation_loss(logits: dict[str, torch.Tensor], targets: dict[str, torch.
                       temperature: float = 1.0) -> torch.Tensor:
     """Mean over all samples of CE (hard-label sources) or T^2 * KL(teacher || student)
     (soft-label sources, teacher and student both softened by T)."""
-    total = torch.zeros(())
+    total = torch.zeros((), device=next(iter(logits.values())).device)
     count = 0
     for name, z in logits.items():
         t = targets[name]
@@ -314,7 +315,7 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
 def config_fingerprint(config: DistillConfig) -> str:
     """Settings that change the trajectory step by step (a run may be extended)."""
     fields = asdict(config)
-    for key in ("iterations", "eval_every", "checkpoint_every", "log_every"):
+    for key in ("iterations", "eval_every", "checkpoint_every", "log_every", "device"):
         fields.pop(key)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -347,7 +348,7 @@ def append_history(path: Path, entry: dict) -> None:
 
 def _autocast(config: DistillConfig):
     if config.bf16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
+        return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -356,7 +357,7 @@ def train_step(student: nn.Module, optimizer: torch.optim.Optimizer,
                config: DistillConfig, step: int) -> float:
     """One SGD step of (0-based) `step`; returns the loss."""
     batch = compose_batch(sources, names, config.batch_size, config.seed, step)
-    images = torch.cat([batch[n][0] for n in names])
+    images = torch.cat([batch[n][0] for n in names]).to(config.device)
     if config.augment:
         images = random_resized_crop_flip(images, step_generator(config.seed, "augment", step),
                                           config.crop_scale, config.crop_ratio)
@@ -368,12 +369,28 @@ def train_step(student: nn.Module, optimizer: torch.optim.Optimizer,
         logits_all = student(images)
     sizes = [len(batch[n][0]) for n in names]
     logits = dict(zip(names, torch.split(logits_all.float(), sizes), strict=True))
-    loss = distillation_loss(logits, {n: batch[n][1] for n in names}, config.temperature)
+    targets = {n: batch[n][1].to(config.device) for n in names}
+    loss = distillation_loss(logits, targets, config.temperature)
     optimizer.zero_grad(set_to_none=True)
     if torch.isfinite(loss):
         loss.backward()
         optimizer.step()
     return float(loss.detach())
+
+
+def query_accuracy(images: torch.Tensor, labels: torch.Tensor,
+                   batch_size: int = 256) -> Callable[[nn.Module], float]:
+    """An ``eval_fn`` for `distill`: accuracy of the student on labelled query images."""
+
+    def evaluate(student: nn.Module) -> float:
+        device = next(student.parameters()).device
+        correct = 0
+        for i in range(0, len(images), batch_size):
+            logits = student(images[i:i + batch_size].to(device))
+            correct += int((logits.argmax(1).cpu() == labels[i:i + batch_size]).sum())
+        return correct / max(len(images), 1)
+
+    return evaluate
 
 
 def _evaluate(student: nn.Module, eval_fn: Callable[[nn.Module], float]) -> float:
@@ -405,6 +422,7 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
     for n in names:
         if n == "support" and sources[n].is_soft:
             log.info("distill: support source has soft targets: trained with KL")
+    student.to(config.device)
     if config.channels_last:
         student.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,

@@ -91,7 +91,8 @@ class LabelHallucTeacher:
         if x is None:
             raise TintError("teacher: images are needed for items whose features are not cached")
         embed = getattr(self.network, "embed", self.network)
-        feats = torch.cat([embed(x[i:i + self.batch_size]).float()
+        device = next(iter(self.network.parameters()), torch.empty(0)).device
+        feats = torch.cat([embed(x[i:i + self.batch_size].to(device)).float().cpu()
                            for i in range(0, len(x), self.batch_size)])
         feats = F.normalize(feats, dim=1)
         if ids is not None:

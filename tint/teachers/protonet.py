@@ -179,13 +179,19 @@ class ProtoNetTeacher(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            feats = torch.cat([self.backbone(x[i:i + self.batch_size]).float()
-                               for i in range(0, len(x), self.batch_size)])
+            chunks = [x[i:i + self.batch_size].to(self.device)
+                      for i in range(0, len(x), self.batch_size)]
+            feats = torch.cat([self.backbone(c).float().cpu() for c in chunks])
         finally:
             self.train(was_training)
         if ids is not None:
             self._cache.update(zip(ids, feats, strict=True))
         return feats
+
+    @property
+    def device(self) -> torch.device:
+        """Where the backbone lives (move the teacher with ``.to(device)``)."""
+        return self.scale.device
 
     # ---- episode fitting and prediction
 
@@ -212,7 +218,7 @@ class ProtoNetTeacher(nn.Module):
                       ids: Sequence[str] | None = None) -> torch.Tensor:
         """Soft class probabilities ``[B, N]`` over the fitted episode's classes."""
         feats = self.features(x, None if self._pre_finetune is not None else ids)
-        return cosine_logits(feats, self._protos_or_raise(), self.scale).softmax(dim=1)
+        return cosine_logits(feats, self._protos_or_raise(), self.scale.cpu()).softmax(dim=1)
 
     def accuracy(self, x: torch.Tensor, labels: torch.Tensor) -> float:
         """Accuracy on labelled images (the episode's queries)."""
@@ -228,6 +234,7 @@ class ProtoNetTeacher(nn.Module):
     def finetune_on_support(self, support: torch.Tensor, labels: torch.Tensor, n_way: int) -> None:
         """A few SGD steps: prototypes from the support set, queries = augmented support."""
         optimizer = torch.optim.SGD(self.parameters(), lr=self.finetune_lr, momentum=0.9)
+        support, labels = support.to(self.device), labels.to(self.device)
         self.eval()  # BN statistics stay those of meta-training (25 images are too few)
         for step in range(self.finetune_steps):
             gen = step_generator(self.seed, "finetune", step)
@@ -271,10 +278,11 @@ def episode_loss(teacher: ProtoNetTeacher, episode: EpisodeTensors) -> torch.Ten
     """Cross-entropy of the queries against the support prototypes (one forward pass)."""
     n_way = int(episode.support_labels.max()) + 1
     n_support = len(episode.support)
-    feats = teacher.backbone(torch.cat([episode.support, episode.query]))
-    protos = prototypes(feats[:n_support], episode.support_labels, n_way)
+    device = teacher.device
+    feats = teacher.backbone(torch.cat([episode.support, episode.query]).to(device))
+    protos = prototypes(feats[:n_support], episode.support_labels.to(device), n_way)
     logits = cosine_logits(feats[n_support:], protos, teacher.scale)
-    return F.cross_entropy(logits, episode.query_labels)
+    return F.cross_entropy(logits, episode.query_labels.to(device))
 
 
 def meta_train(teacher: ProtoNetTeacher, base_sampler: EpisodeSampler, epochs: int = 1,

@@ -1,0 +1,493 @@
+"""`tint pretrain-generator`: pretrain tint's own small text-to-image generator.
+
+Data flow: openclipart pretraining pool (every usable image of every category that is not
+a val/novel class, cropped to its alpha bounding box, padded to a square on white, resized
+once into one uint8 array) -> captions ``a photo of a <category>`` encoded once by the
+frozen MiniLM (10% empty prompt, for classifier-free guidance) -> v-prediction diffusion
+training with AdamW, warm-up + cosine decay and EMA weights -> checkpoints (resumable) ->
+export of the EMA weights with ``save_small_generator``, a loss curve and a sample grid
+per pretraining category.
+
+Everything in the output folder is written atomically; a killed run resumes from
+``checkpoint.safetensors``. Optimizer moments are saved as plain tensors in the same
+safetensors file (flattened by parameter index), so resuming is exact and nothing is
+ever unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+
+from tint.diffusion import small_generator as sg
+from tint.errors import TintError
+from tint.io import load_tensors, read_json, save_tensors, set_threads, write_json, write_text
+
+LOG = logging.getLogger("tint.pretrain")
+CHECKPOINT = "checkpoint.safetensors"
+POOL_CACHE = "pool.npz"
+POOL_FILES = "pool_files.json"
+LOSSES = "losses.json"
+
+
+# --------------------------------------------------------------------------------------
+# settings
+@dataclass
+class PretrainConfig:
+    size: str = "small"
+    resolution: int = 32
+    batch_size: int = 32
+    lr: float = 3e-4
+    weight_decay: float = 1e-2
+    warmup_steps: int = 200
+    steps: int = 6000  # length of the cosine decay; the run may stop earlier (deadline)
+    min_lr_ratio: float = 0.1
+    ema_decay: float = 0.999
+    empty_prompt_prob: float = 0.1
+    hflip: bool = True
+    scale_jitter: float = 0.15  # objects shrink by up to this fraction (white fill)
+    translate_jitter: float = 0.08  # fraction of the image side
+    seed: int = 0
+    include_abstract: bool = True
+
+
+def caption_for(category: str) -> str:
+    """``"food.fruit"`` -> ``"a photo of a fruit"`` (the last folder, underscores as spaces)."""
+    return f"a photo of a {category.split('.')[-1].replace('_', ' ')}"
+
+
+# --------------------------------------------------------------------------------------
+# data: the pool, preloaded once as uint8
+def build_pool_files(include_abstract: bool = True) -> dict[str, list[str]]:
+    """Pretraining categories -> files: openclipart minus every val/novel class."""
+    from tint.data.openclipart import load_split, pretraining_pool
+
+    return pretraining_pool(load_split(), include_abstract=include_abstract)
+
+
+def held_out_classes() -> list[str]:
+    from tint.data.openclipart import load_split
+
+    split = load_split()
+    return sorted(split["val"] + split["novel"])
+
+
+def files_digest(entries: list[tuple[str, str]]) -> str:
+    """SHA-256 over the sorted (category, path) list: names exactly the data trained on."""
+    text = "\n".join(f"{c}\t{p}" for c, p in sorted(entries))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def image_to_array(path: str, resolution: int) -> np.ndarray:
+    """Alpha-crop, pad to a white square, resize: uint8 [R, R, 3]."""
+    from tint.data.openclipart import crop_to_alpha
+
+    with Image.open(path) as img:
+        img.load()
+        rgb = crop_to_alpha(img)
+    side = max(rgb.size)
+    canvas = Image.new("RGB", (side, side), (255, 255, 255))
+    canvas.paste(rgb, ((side - rgb.width) // 2, (side - rgb.height) // 2))
+    return np.asarray(canvas.resize((resolution, resolution), Image.Resampling.LANCZOS))
+
+
+def load_pool(
+    out_dir: Path, resolution: int, pool_files: dict[str, list[str]]
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """(images uint8 [N,R,R,3], labels int64 [N], categories), cached in the run folder.
+
+    The file list and its hash are written to ``pool_files.json`` so a test (or a person)
+    can check that no val/novel image entered pretraining.
+    """
+    categories = sorted(pool_files)
+    entries = [(c, p) for c in categories for p in pool_files[c]]
+    digest = files_digest(entries)
+    cache = out_dir / POOL_CACHE
+    if cache.is_file():
+        with np.load(cache) as data:
+            if str(data["digest"]) == digest and int(data["resolution"]) == resolution:
+                return data["images"], data["labels"], categories
+    images, labels, used = [], [], []
+    for cat, path in tqdm(entries, desc="loading pretraining pool"):
+        try:
+            images.append(image_to_array(path, resolution))
+        except (OSError, ValueError) as err:  # corrupt file: skip it, but say so
+            LOG.warning("skipping %s: %s", path, err)
+            continue
+        labels.append(categories.index(cat))
+        used.append([cat, path])
+    images_arr = np.stack(images).astype(np.uint8)
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    write_json(
+        out_dir / POOL_FILES,
+        {
+            "digest": files_digest([(c, p) for c, p in used]),
+            "held_out_classes": held_out_classes(),
+            "categories": categories,
+            "files": used,
+        },
+    )
+    with open(cache.with_suffix(".tmp.npz"), "wb") as handle:
+        np.savez(handle, images=images_arr, labels=labels_arr, digest=digest, resolution=resolution)
+    cache.with_suffix(".tmp.npz").replace(cache)
+    return images_arr, labels_arr, categories
+
+
+def augment(x01: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -> torch.Tensor:
+    """Flip + zoom-out + shift on a white background; colours untouched (they define classes)."""
+    b = x01.shape[0]
+    if cfg.hflip:
+        flip = torch.rand(b, generator=gen) < 0.5
+        x01 = torch.where(flip[:, None, None, None], x01.flip(-1), x01)
+    if cfg.scale_jitter <= 0 and cfg.translate_jitter <= 0:
+        return x01
+    zoom = 1.0 + torch.rand(b, generator=gen) * cfg.scale_jitter  # >1 in the grid = smaller object
+    shift = (torch.rand(b, 2, generator=gen) * 2 - 1) * cfg.translate_jitter * 2
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = zoom
+    theta[:, 1, 1] = zoom
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta, list(x01.shape), align_corners=False)
+    inverted = F.grid_sample(1.0 - x01, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    return 1.0 - inverted  # zeros padding of (1 - x) = white around the object
+
+
+# --------------------------------------------------------------------------------------
+# diffusion training objective (v-prediction)
+def v_target(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    a = alpha_bar.sqrt().view(-1, 1, 1, 1)
+    s = (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
+    return a * noise - s * x0
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) -> torch.Tensor:
+    a = alpha_bar.sqrt().view(-1, 1, 1, 1)
+    s = (1 - alpha_bar).sqrt().view(-1, 1, 1, 1)
+    return a * x0 + s * noise
+
+
+def diffusion_loss(unet, alphas_cumprod, x0, text, gen) -> torch.Tensor:
+    """MSE between the UNet's output and the true v at uniformly drawn timesteps."""
+    b = x0.shape[0]
+    t = torch.randint(0, alphas_cumprod.numel(), (b,), generator=gen)
+    noise = torch.randn(x0.shape, generator=gen)
+    ab = alphas_cumprod[t].float()
+    pred = unet(add_noise(x0, noise, ab), t, encoder_hidden_states=text).sample
+    return F.mse_loss(pred.float(), v_target(x0, noise, ab))
+
+
+def lr_at(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up, then cosine decay to min_lr_ratio * lr at cfg.steps (flat after)."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+@torch.no_grad()
+def update_ema(ema, model, step: int, decay: float) -> None:
+    """EMA with a warm-up (short runs still get averaged weights that are not stale)."""
+    d = min(decay, (1 + step) / (10 + step))
+    for pe, pm in zip(ema.parameters(), model.parameters(), strict=True):
+        pe.lerp_(pm, 1 - d)
+
+
+# --------------------------------------------------------------------------------------
+# checkpoints: model + EMA + AdamW moments in one safetensors file
+def checkpoint_tensors(unet, ema, optimizer) -> dict[str, torch.Tensor]:
+    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
+    for i, p in enumerate(unet.parameters()):
+        state = optimizer.state.get(p)
+        if state:
+            tensors[f"opt.{i}.exp_avg"] = state["exp_avg"]
+            tensors[f"opt.{i}.exp_avg_sq"] = state["exp_avg_sq"]
+            tensors[f"opt.{i}.step"] = torch.as_tensor(state["step"], dtype=torch.float32).reshape(1)
+    return tensors
+
+
+def save_checkpoint(out_dir: Path, unet, ema, optimizer, meta: dict) -> None:
+    save_tensors(out_dir / CHECKPOINT, checkpoint_tensors(unet, ema, optimizer), meta)
+
+
+def load_checkpoint(out_dir: Path, unet, ema, optimizer) -> dict:
+    tensors, meta = load_tensors(out_dir / CHECKPOINT)
+    unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
+    ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
+    for i, p in enumerate(unet.parameters()):
+        if f"opt.{i}.exp_avg" in tensors:
+            optimizer.state[p] = {
+                "exp_avg": tensors[f"opt.{i}.exp_avg"].clone(),
+                "exp_avg_sq": tensors[f"opt.{i}.exp_avg_sq"].clone(),
+                "step": tensors[f"opt.{i}.step"].reshape(()).clone(),
+            }
+    return meta or {}
+
+
+# --------------------------------------------------------------------------------------
+# training
+@dataclass
+class TrainState:
+    step: int = 0
+    wall_s: float = 0.0
+    losses: list | None = None  # [step, mean loss over the last log interval]
+
+
+def parse_deadline(until: str | None, max_minutes: float | None) -> float | None:
+    """Unix time at which to stop: ``--until HH:MM`` (UTC, today or tomorrow) or minutes."""
+    deadlines = []
+    if max_minutes is not None:
+        deadlines.append(time.time() + 60 * max_minutes)
+    if until:
+        try:
+            hh, mm = (int(x) for x in until.split(":"))
+        except ValueError as err:
+            raise TintError(f"--until {until!r}: expected HH:MM (UTC)") from err
+        now = dt.datetime.now(dt.UTC)
+        when = now.replace(hour=hh, minute=mm, second=0, microsecond=0)
+        if when <= now:
+            when += dt.timedelta(days=1)
+        deadlines.append(when.timestamp())
+    return min(deadlines) if deadlines else None
+
+
+def train(
+    out_dir: Path,
+    cfg: PretrainConfig,
+    images: np.ndarray,
+    labels: np.ndarray,
+    text_table: torch.Tensor,
+    empty_text: torch.Tensor,
+    max_steps: int | None = None,
+    deadline: float | None = None,
+    checkpoint_minutes: float = 10.0,
+    progress: bool = True,
+):
+    """Train (or resume) until max_steps / cfg.steps or the deadline; return (unet, ema, state)."""
+    import copy
+
+    torch.manual_seed(cfg.seed)
+    unet = sg.build_unet(cfg.size, cfg.resolution)
+    ema = copy.deepcopy(unet).requires_grad_(False)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    state = TrainState(losses=[])
+    if (out_dir / CHECKPOINT).is_file():
+        meta = load_checkpoint(out_dir, unet, ema, optimizer)
+        if meta.get("config", {}).get("size") not in (None, cfg.size):
+            raise TintError(f"{out_dir / CHECKPOINT}: trained with another --size; use a new --out")
+        state.step, state.wall_s = int(meta["step"]), float(meta["wall_s"])
+        state.losses = read_json(out_dir / LOSSES) if (out_dir / LOSSES).is_file() else []
+        LOG.info("resumed from step %d", state.step)
+    alphas = sg.build_scheduler().alphas_cumprod.float()
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
+    images_t = torch.from_numpy(images)  # uint8 [N,R,R,3]
+    labels_t = torch.from_numpy(labels)
+    stop_at = min(max_steps or cfg.steps, cfg.steps) if max_steps else cfg.steps
+    unet.train()
+    last_ckpt, start, window = time.time(), time.time(), []
+    bar = tqdm(total=stop_at, initial=state.step, desc="pretraining", disable=not progress)
+
+    def checkpoint() -> None:
+        meta = {"step": state.step, "wall_s": state.wall_s + time.time() - start,
+                "config": asdict(cfg)}
+        save_checkpoint(out_dir, unet, ema, optimizer, meta)
+        write_json(out_dir / LOSSES, state.losses)
+
+    while state.step < stop_at and (deadline is None or time.time() < deadline):
+        idx = torch.randint(0, images_t.shape[0], (cfg.batch_size,), generator=gen)
+        x01 = images_t[idx].permute(0, 3, 1, 2).float() / 255.0
+        x0 = F.pixel_unshuffle(augment(x01, cfg, gen) * 2 - 1, sg.PATCH)
+        text = text_table[labels_t[idx]]
+        empty = torch.rand(cfg.batch_size, generator=gen) < cfg.empty_prompt_prob
+        text = torch.where(empty[:, None, None], empty_text.expand_as(text), text)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(state.step, cfg)
+        loss = diffusion_loss(unet, alphas, x0, text, gen)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        optimizer.step()
+        update_ema(ema, unet, state.step, cfg.ema_decay)
+        state.step += 1
+        window.append(float(loss))
+        if len(window) == 25:
+            state.losses.append([state.step, sum(window) / len(window)])
+            window = []
+        bar.update(1)
+        bar.set_postfix(loss=f"{float(loss):.4f}", lr=f"{lr_at(state.step, cfg):.1e}")
+        if time.time() - last_ckpt > 60 * checkpoint_minutes:
+            checkpoint()
+            last_ckpt = time.time()
+            LOG.info("checkpoint at step %d", state.step)
+    bar.close()
+    checkpoint()
+    state.wall_s += time.time() - start
+    return unet, ema, state
+
+
+# --------------------------------------------------------------------------------------
+# outputs: loss curve, sample grid, export
+def plot_losses(losses: list, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    if losses:
+        steps, values = zip(*losses, strict=True)
+        ax.plot(steps, values, lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel("v-prediction MSE (25-step mean)")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with open(path, "wb") as handle:
+        fig.savefig(handle, format="png", dpi=110)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def sample_images(backbone, prompts: list[str], seed: int, guidance: float, steps: int) -> torch.Tensor:
+    """CFG DDIM samples in [0,1] for a list of prompts (one image per prompt)."""
+    from tint.diffusion.ddim import ddim_sample
+
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn((len(prompts), *backbone.latent_shape), generator=gen)
+    cond = backbone.encode_prompt(prompts)
+    uncond = backbone.encode_prompt([""] * len(prompts))
+    return backbone.decode_latents(ddim_sample(backbone, z, cond, uncond, guidance, steps))
+
+
+def sample_grid(backbone, categories: list[str], path: Path, per_class: int = 6,
+                guidance: float = 4.0, steps: int = 25, seed: int = 0) -> None:
+    """One row per pretraining category: `per_class` samples of its caption."""
+    from tint.data.images import save_image
+
+    rows = []
+    for start in tqdm(range(0, len(categories), 8), desc="sample grid"):
+        chunk = categories[start : start + 8]
+        prompts = [caption_for(c) for c in chunk for _ in range(per_class)]
+        rows.append(sample_images(backbone, prompts, seed + start, guidance, steps))
+    images = torch.cat(rows)
+    r = backbone.resolution
+    grid = images.view(len(categories), per_class, 3, r, r).permute(2, 0, 3, 1, 4)
+    save_image(path, grid.reshape(3, len(categories) * r, per_class * r)[None])
+    write_text(path.with_suffix(".txt"), "\n".join(
+        f"row {i}: {c} ({caption_for(c)!r})" for i, c in enumerate(categories)) + "\n")
+
+
+def backbone_from_unet(unet):
+    from tint.diffusion.backbone import DiffusionBackbone
+
+    encoder, tokenizer = sg.load_text_encoder()
+    unet.eval()
+    return DiffusionBackbone(
+        unet=unet, scheduler=sg.build_scheduler(), vae=sg.space_to_depth_autoencoder(),
+        text_encoder=encoder, tokenizer=tokenizer,
+        resolution=unet.config.sample_size * sg.PATCH,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    d = PretrainConfig()
+    parser.add_argument("--out", default="runs/pretrain-clipart", help="output/run folder")
+    parser.add_argument("--size", default=d.size, choices=list(sg.UNET_SIZES))
+    parser.add_argument("--resolution", type=int, default=d.resolution)
+    parser.add_argument("--batch-size", type=int, default=d.batch_size)
+    parser.add_argument("--lr", type=float, default=d.lr)
+    parser.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
+    parser.add_argument("--steps", type=int, default=d.steps,
+                        help="planned length (cosine decay ends here; training stops here)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop earlier, at this step")
+    parser.add_argument("--until", default=None, help="stop at this UTC wall-clock time, HH:MM")
+    parser.add_argument("--max-minutes", type=float, default=None, help="stop after this long")
+    parser.add_argument("--checkpoint-minutes", type=float, default=10.0)
+    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--no-abstract", action="store_true",
+                        help="leave out abstract categories (icons, shapes...) from the pool")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--export", default=None,
+                        help="also export the EMA weights (fp16) to this folder, e.g. tint/assets/generator")
+    parser.add_argument("--grid-per-class", type=int, default=6)
+    parser.add_argument("--grid-guidance", type=float, default=4.0)
+    parser.add_argument("--no-grid", action="store_true")
+
+
+def config_from_args(args: argparse.Namespace) -> PretrainConfig:
+    return PretrainConfig(
+        size=args.size, resolution=args.resolution, batch_size=args.batch_size, lr=args.lr,
+        warmup_steps=args.warmup_steps, steps=args.steps, seed=args.seed,
+        include_abstract=not args.no_abstract,
+    )
+
+
+def caption_table(categories: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """MiniLM states of every category caption [C,L,D] and of the empty prompt [1,L,D]."""
+    encoder, tokenizer = sg.load_text_encoder()
+    table = sg.encode_text(encoder, tokenizer, [caption_for(c) for c in categories])
+    return table, sg.encode_text(encoder, tokenizer, [""])
+
+
+def run(args: argparse.Namespace) -> int:
+    set_threads(args.threads)
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(name)s %(message)s",
+        handlers=[logging.FileHandler(out_dir / "log.txt"), logging.StreamHandler()],
+    )
+    cfg = config_from_args(args)
+    deadline = parse_deadline(args.until, args.max_minutes)
+    write_json(out_dir / "config.json", {"config": asdict(cfg), "argv": vars(args)})
+    images, labels, categories = load_pool(out_dir, cfg.resolution, build_pool_files(cfg.include_abstract))
+    LOG.info("pool: %d images, %d categories", len(images), len(categories))
+    text_table, empty_text = caption_table(categories)
+    unet, ema, state = train(out_dir, cfg, images, labels, text_table, empty_text,
+                             max_steps=args.max_steps, deadline=deadline,
+                             checkpoint_minutes=args.checkpoint_minutes)
+    LOG.info("stopped at step %d after %.0f s of training", state.step, state.wall_s)
+    finish(out_dir, ema, categories, state, cfg, args)
+    return 0
+
+
+def finish(out_dir: Path, ema, categories, state: TrainState, cfg: PretrainConfig, args) -> None:
+    """Loss curve, EMA export (fp32 in the run folder, fp16 where asked), sample grid."""
+    plot_losses(state.losses or [], out_dir / "loss_curve.png")
+    pool = read_json(out_dir / POOL_FILES)
+    extra = {"steps": state.step, "train_wall_s": round(state.wall_s), "seed": cfg.seed,
+             "data_digest": pool["digest"], "config": asdict(cfg)}
+    sg.save_small_generator(out_dir / "generator", ema, resolution=cfg.resolution,
+                            size=cfg.size, extra=extra)
+    if args.export:
+        sg.save_small_generator(args.export, ema, resolution=cfg.resolution, size=cfg.size,
+                                dtype=torch.float16, extra=extra)
+    if not args.no_grid:
+        sample_grid(backbone_from_unet(ema), categories, out_dir / "samples.png",
+                    per_class=args.grid_per_class, guidance=args.grid_guidance)
+    write_json(out_dir / "summary.json", {**extra, "categories": len(categories),
+                                          "images": len(pool["files"])})
+
+
+if __name__ == "__main__":  # pragma: no cover
+    import sys
+
+    from tint.cli import main
+
+    sys.exit(main(["pretrain-generator", *sys.argv[1:]]))
