@@ -11,6 +11,7 @@ is not dominated by noise. Ratios are against torch eager with the same thread c
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import platform
 import statistics
@@ -42,6 +43,7 @@ def bench_arch(arch: str, resolution: int, batches: list[int], threads: int, rep
                calls_per_run: int, workdir: Path) -> list[dict]:
     torch.manual_seed(0)
     model = create_student(arch, 5, image_size=resolution).eval()
+    model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     scripted = torch.jit.load(str(export_torchscript(model, workdir / f"{arch}.pt", resolution)))
     session = onnx_session(export_onnx(model, workdir / f"{arch}.onnx", resolution), threads)
     rows = []
@@ -49,8 +51,10 @@ def bench_arch(arch: str, resolution: int, batches: list[int], threads: int, rep
         x = torch.rand(batch, 3, resolution, resolution)
         x_np = x.numpy()
         calls = calls_per_run if batch == 1 else 1
+        x_cl = x.contiguous(memory_format=torch.channels_last)
         backends = {
             "torch eager": lambda x=x: model(x),
+            "eager channels_last": lambda x=x_cl: model_cl(x),
             "torchscript": lambda x=x: scripted(x),
             "onnxruntime": lambda x_np=x_np: session.run(None, {"images": x_np}),
         }
@@ -61,7 +65,7 @@ def bench_arch(arch: str, resolution: int, batches: list[int], threads: int, rep
             rows.append({"arch": arch, "batch": batch, "backend": name,
                          "images_per_s": round(rate, 1),
                          "vs_eager": round(rate / rates["torch eager"], 2)})
-            print(f"{arch:9s} batch {batch:3d} {name:12s} {rate:9.1f} img/s "
+            print(f"{arch:9s} batch {batch:3d} {name:20s} {rate:9.1f} img/s "
                   f"({rate / rates['torch eager']:.2f}x eager)", flush=True)
     return rows
 
@@ -72,7 +76,7 @@ def main() -> None:
     parser.add_argument("--resolution", type=int, default=84)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--archs", nargs="+", default=["conv4", "resnet12"])
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls-per-run", type=int, default=20)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/export_latency.json"))
     args = parser.parse_args()

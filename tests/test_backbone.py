@@ -143,3 +143,8 @@ def test_load_backbone_dispatch(tmp_path, monkeypatch):
     assert seen and str(seen[0]) == str(folder)
     with pytest.raises(TintError):
         load_backbone(tmp_path / "nothing_here")
+
+
+def test_uncached_hub_id_is_a_clear_error_offline():
+    with pytest.raises(TintError, match="local cache"):
+        load_stable_diffusion("nobody-tint-test/no-such-model", local_files_only=True)

@@ -137,31 +137,38 @@ class Killed(Exception):
     """Stands in for a kill: raised from inside a stage."""
 
 
-@pytest.mark.parametrize("where", ["generate", "distill-step"])
-def test_killed_run_resumes_to_the_same_result(data_root, finished_run, tmp_path, where):
+def test_killed_run_resumes_to_the_same_result(data_root, finished_run, tmp_path):
+    """Killed during generation, then mid-distillation (after a checkpoint), then resumed:
+    finished stages are not recomputed and the result equals the uninterrupted run's."""
     reference_dir, reference = finished_run
-    calls: list[str] = []
+    run_dir = tmp_path / "run"
+    config = config_from_dict(tiny_config(data_root, run_dir))
+    generated: list[str] = []
 
-    def kill(label, *step):
-        calls.append(label)
-        if where == "generate" and len(calls) == 4:  # the second episode's first class
-            raise Killed(label)
-        if where == "distill-step" and step and step[0] == 3 and "ep001" in label:
+    def kill_in_generation(label):
+        generated.append(label)
+        if len(generated) == 4:  # the second episode's first class
             raise Killed(label)
 
-    config = config_from_dict(tiny_config(data_root, tmp_path / "run"))
-    with pytest.raises(Killed):
-        run_pipeline(config, hooks={where: kill})
-    finished = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("done.json")}
-    assert finished, "stages finished before the kill keep their markers"
+    def kill_mid_distillation(label, step, loss):
+        if label == "ep001/with-tint" and step == 3:  # checkpoint at 2, killed at 3
+            raise Killed(label)
+
+    for hooks in ({"generate": kill_in_generation}, {"distill-step": kill_mid_distillation}):
+        with pytest.raises(Killed):
+            run_pipeline(config, hooks=hooks)
+        finished = {p: p.stat().st_mtime_ns for p in run_dir.rglob("done.json")}
+        assert finished, "stages finished before the kill keep their markers"
+        if "distill-step" in hooks:
+            assert list((run_dir / "artifacts" / "distill").glob("*/checkpoint.safetensors"))
     resumed = run_pipeline(config)
-    for path, stamp in finished.items():  # finished stages were not recomputed
+    for path, stamp in finished.items():  # stages finished before the last kill: skipped
         assert path.stat().st_mtime_ns == stamp
     assert resumed["summary"] == reference["summary"]
     for ep_ref, ep_new in zip(reference["episodes"], resumed["episodes"], strict=True):
         assert ep_ref["accuracy"] == ep_new["accuracy"]
         assert ep_ref["curves"] == ep_new["curves"]
-    ref_w, new_w = student_weights(reference_dir), student_weights(tmp_path / "run")
+    ref_w, new_w = student_weights(reference_dir), student_weights(run_dir)
     assert ref_w.keys() == new_w.keys() and all(torch.equal(ref_w[k], new_w[k]) for k in ref_w)
 
 

@@ -244,6 +244,35 @@ def load_small_generator_parts(path: str | Path) -> dict[str, Any]:
     }
 
 
+def build_small_generator(
+    size: str = "small",
+    resolution: int = 32,
+    text_encoder: nn.Module | None = None,
+    tokenizer=None,
+    seed: int = 0,
+):
+    """A randomly initialised generator as a ``DiffusionBackbone`` (tests, fresh training).
+
+    `text_encoder`/`tokenizer` default to the real frozen MiniLM; tests may pass a tiny
+    random ``BertModel`` (same code path, any hidden size).
+    """
+    from tint.diffusion.backbone import DiffusionBackbone
+
+    if text_encoder is None or tokenizer is None:
+        text_encoder, tokenizer = load_text_encoder()
+    torch.manual_seed(seed)
+    unet = build_unet(size, resolution, cross_attention_dim=int(text_encoder.config.hidden_size))
+    unet.eval()
+    return DiffusionBackbone(
+        unet=unet,
+        scheduler=build_scheduler(),
+        vae=space_to_depth_autoencoder(),
+        text_encoder=freeze(text_encoder),
+        tokenizer=tokenizer,
+        resolution=resolution,
+    )
+
+
 def load_small_generator(path: str | Path):
     """Open a saved generator as a ``DiffusionBackbone`` (pixel space, identity autoencoder)."""
     from tint.diffusion.backbone import DiffusionBackbone

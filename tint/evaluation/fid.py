@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import random
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,11 +101,13 @@ def frechet_distance(
             f"sigma {sigma1.shape} vs {sigma2.shape}"
         )
     diff = mu1 - mu2
-    covmean = linalg.sqrtm(sigma1 @ sigma2)
-    if not np.isfinite(covmean).all():
-        log.warning("FID: singular covariance product; adding %g to the diagonals", eps)
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():  # fewer samples than dims is normal here; checked below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)
+        if not np.isfinite(covmean).all():
+            log.warning("FID: singular covariance product; adding %g to the diagonals", eps)
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         largest_imag = np.max(np.abs(np.diagonal(covmean).imag))
         if not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3):
