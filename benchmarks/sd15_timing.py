@@ -51,7 +51,9 @@ SD15_TEXT = dict(
 )
 # --smoke: the same shapes with narrow layers, to check this script end to end in seconds
 SMOKE_UNET = dict(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=8,
-                  cross_attention_dim=32)
+                  cross_attention_dim=32,
+                  down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * 2 + ("DownBlock2D",),
+                  up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 2 + ("UpBlock2D",))
 SMOKE_VAE = dict(block_out_channels=(8, 8, 16, 16), layers_per_block=1, norm_num_groups=8)
 SMOKE_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                   num_attention_heads=2, projection_dim=32)
@@ -150,12 +152,12 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     return 2 * n**3 / seconds
 
 
-def compose(unit: dict[str, float]) -> dict[str, float]:
+def compose(unit: dict[str, float], steps: int = STEPS) -> dict[str, float]:
     """Costs of the method's steps from unit costs (seconds or FLOPs alike)."""
     ti_step = unit["unet_fwd_bwd"] + unit["text_fwd_bwd"]
     # DDIM inversion (50 fwd) + per step: conditional fwd, 10 inner fwd+bwd, final guided fwd
-    nti = STEPS * unit["unet_fwd"] + STEPS * (2 * unit["unet_fwd"] + INNER * unit["unet_fwd_bwd"])
-    gen = STEPS * unit["unet_cfg"] + unit["vae_decode"]
+    nti = steps * unit["unet_fwd"] + steps * (2 * unit["unet_fwd"] + INNER * unit["unet_fwd_bwd"])
+    gen = steps * unit["unet_cfg"] + unit["vae_decode"]
     per_image = {
         "ti": PAPER["ti_steps"] * ti_step / PAPER["images_per_class"],
         "nti": PAPER["supports"] * nti / PAPER["images_per_class"],
@@ -167,7 +169,7 @@ def compose(unit: dict[str, float]) -> dict[str, float]:
 
 
 def full_timings(device: torch.device, gen_dtype: torch.dtype, ti_steps: int,
-                 batch: int) -> dict[str, float]:
+                 batch: int, nti_steps: int = STEPS) -> dict[str, float]:
     """Run tint's own TI / NTI / generation code on the SD 1.5 architecture."""
     from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer
@@ -204,7 +206,8 @@ def full_timings(device: torch.device, gen_dtype: torch.dtype, ti_steps: int,
     z0 = backbone.encode_images(images)
     start = time.perf_counter()
     result = null_text_inversion(backbone, z0, cond, empty,
-                                 NullTextConfig(inner_steps=INNER, schedule="constant"))
+                                 NullTextConfig(num_steps=nti_steps, inner_steps=INNER,
+                                                schedule="constant"))
     sync(device)
     out["nti_full"] = time.perf_counter() - start
     path = save_tint_artifact(tmp / "a.safetensors", backbone, class_name="a", token=ti.token,
@@ -234,6 +237,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timing repeats per call")
     parser.add_argument("--ti-steps", type=int, default=20, help="TI steps timed (full mode)")
     parser.add_argument("--batch", type=int, default=8, help="generation batch (full mode)")
+    parser.add_argument("--nti-steps", type=int, default=STEPS,
+                        help="DDIM steps of the NTI and generation run (full mode; 50 = paper)")
     parser.add_argument("--smoke", action="store_true",
                         help="narrow layers, same shapes: checks the script, times nothing useful")
     parser.add_argument("--json", type=Path)
@@ -252,6 +257,8 @@ def main() -> None:
     flops = count_flops()
     rate32 = matmul_rate(device, torch.float32)
     rate_gen = matmul_rate(device, gen_dtype) if gen_dtype != torch.float32 else rate32
+    print(f"matmul: {rate32 / 1e12:.3f} TFLOP/s fp32, {rate_gen / 1e12:.3f} for generation",
+          flush=True)
     report: dict[str, object] = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(), "torch": torch.__version__,
@@ -265,7 +272,10 @@ def main() -> None:
         repeats = args.repeats or (1 if device.type == "cpu" else 5)
         warmup = 0 if device.type == "cpu" else 2
         calls = workloads(unet, vae, text, device, torch.float32)
-        unit_s = {name: timed(fn, device, repeats, warmup) for name, fn in calls.items()}
+        unit_s = {}
+        for name, fn in calls.items():  # printed as measured: slow CPUs show progress
+            unit_s[name] = timed(fn, device, repeats, warmup)
+            print(f"{name}: {unit_s[name]:.3f} s ({flops[name] / 1e12:.3f} TFLOP)", flush=True)
         if gen_dtype != torch.float32:  # generation calls again in half precision
             unet.to(dtype=gen_dtype)
             vae.to(dtype=gen_dtype)
@@ -275,7 +285,7 @@ def main() -> None:
         report["unit_s"] = unit_s
         seconds = compose(unit_s)
     else:
-        seconds = full_timings(device, gen_dtype, args.ti_steps, args.batch)
+        seconds = full_timings(device, gen_dtype, args.ti_steps, args.batch, args.nti_steps)
         report["full_run_s"] = time.perf_counter() - start
         seconds.update({
             "per_image_ti": PAPER["ti_steps"] * seconds["ti_step"] / PAPER["images_per_class"],
@@ -284,7 +294,7 @@ def main() -> None:
         })
         seconds["per_image_total"] = sum(seconds[f"per_image_{k}"]
                                          for k in ("ti", "nti", "generate"))
-    floor_flops = compose(flops)
+    floor_flops = compose(flops, STEPS if args.quick else args.nti_steps)
     rates = {k: (rate_gen if "generate" in k else rate32) for k in floor_flops}
     report["seconds"] = seconds
     report["floor_s"] = {k: floor_flops[k] / rates[k] for k in floor_flops}

@@ -340,6 +340,19 @@ def test_cli_specialize_then_generate(tmp_path, capsys):
     assert {r["file"]: (gen / r["file"]).stat().st_mtime_ns for r in read_manifest(gen)} == before
     changed = specialize_args[:-4] + ["--ti-steps", "3", "--out", str(art)]
     assert main(changed) == 2  # other settings on the same folder: refused, not overwritten
+    assert "other settings" in capsys.readouterr().err
+
+    from tint.data.episodes import Episode, save_episodes
+
+    used = json.loads((art / "specialize.json").read_text())["supports"]
+    other = Episode(classes=["apple", "boat"], support=[used["apple"][::-1], used["boat"]],
+                    query=[[], []])
+    save_episodes(tmp_path / "episodes.json", [other], {"dataset": f"folder:{root}",
+                                                       "resolution": 24})
+    from_file = ["specialize", "--backbone", "tiny", "--episodes", str(tmp_path / "episodes.json"),
+                 "--episode", "0"] + specialize_args[7:]
+    assert main(from_file) == 2  # another episode's supports: refused, not reused
+    assert "support images" in capsys.readouterr().err
 
 
 def test_resume_refuses_to_mix_seeds_or_alphas(backbone, artifact, tmp_path):

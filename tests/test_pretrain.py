@@ -112,8 +112,16 @@ def tiny_text():
 
 @pytest.fixture()
 def tiny_backbone(tiny_text):
+    """Random weights, output layer scaled by 0.1 (ADM zero-initialises it): a random UNet at
+    full output scale is far rougher than a trained one, and DDIM inversion then does not
+    round-trip even without guidance (the same choice as build_tiny_backbone)."""
     encoder, tokenizer = tiny_text
-    return sg.build_small_generator("tiny", resolution=16, text_encoder=encoder, tokenizer=tokenizer)
+    backbone = sg.build_small_generator("tiny", resolution=16, text_encoder=encoder,
+                                        tokenizer=tokenizer)
+    with torch.no_grad():
+        backbone.unet.conv_out.weight.mul_(0.1)
+        backbone.unet.conv_out.bias.mul_(0.1)
+    return backbone
 
 
 def _fake_pool(n_cats: int = 3, per_cat: int = 4, side: int = 16):
@@ -199,9 +207,13 @@ def test_checkpoint_round_trips_bit_exactly_and_resumes(tmp_path: Path, tiny_tex
     for k, v in ema.state_dict().items():
         assert torch.equal(loaded.state_dict()[k], v)
     half = sg.save_small_generator(tmp_path / "gen16", ema, resolution=16, dtype=torch.float16)
-    parts16 = UNet2DConditionModel.from_pretrained(str(half / "unet"))
     assert json.loads((half / sg.MARKER_FILE).read_text())["weights_dtype"] == "float16"
-    assert next(parts16.parameters()).dtype == torch.float16  # load_small_generator upcasts
+    stored, _ = pretrain.load_tensors(half / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    loaded16 = UNet2DConditionModel.from_pretrained(str(half / "unet"))
+    assert next(loaded16.parameters()).dtype == torch.float32  # loading upcasts
+    for k, v in ema.state_dict().items():
+        assert torch.equal(loaded16.state_dict()[k], v.half().float())
 
 
 def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_text, monkeypatch) -> None:
@@ -216,3 +228,137 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_text, monkeyp
                                    max_steps=4, progress=False)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+# --------------------------------------------------------------------------------------
+# the text encoder: real MiniLM offline, frozen
+def test_real_minilm_loads_offline_and_stays_frozen(monkeypatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    encoder, tokenizer = sg.load_text_encoder()
+    assert not encoder.training
+    assert all(not p.requires_grad for p in encoder.parameters())
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    states = sg.encode_text(encoder, tokenizer, ["a photo of a fruit", ""])
+    assert states.shape == (2, sg.PROMPT_LENGTH, sg.TEXT_DIM)
+    assert not states.requires_grad
+    assert not torch.allclose(states[0], states[1])  # the caption matters
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(before[k], v)
+
+
+def test_training_never_touches_the_text_encoder(tmp_path: Path, tiny_text, monkeypatch) -> None:
+    """Captions are encoded once, without grad; training then sees only fixed tensors."""
+    monkeypatch.setattr(pretrain.sg, "build_unet", _tiny_unet_for(tiny_text))
+    encoder = sg.freeze(tiny_text[0])
+    before = {k: v.clone() for k, v in encoder.state_dict().items()}
+    images, labels = _fake_pool()
+    table, empty = _text_tables(tiny_text, 3)
+    assert not table.requires_grad and not empty.requires_grad
+    pretrain.train(tmp_path, _tiny_config(), images, labels, table, empty, max_steps=2,
+                   progress=False)
+    assert all(p.grad is None for p in encoder.parameters())
+    for k, v in encoder.state_dict().items():
+        assert torch.equal(before[k], v)
+
+
+# --------------------------------------------------------------------------------------
+# the pool: no val/novel image ever enters pretraining
+def _is_held_out(category: str, held: set[str], base: set[str]) -> bool:
+    if category in base:
+        return False
+    return any(category == h or category.startswith(h + ".") for h in held)
+
+
+def test_pool_excludes_every_val_and_novel_image(tmp_path: Path) -> None:
+    from tint.data.openclipart import load_split, scan_openclipart
+
+    split = load_split()
+    held, base = set(split["val"]) | set(split["novel"]), set(split["base"])
+    pool = pretrain.build_pool_files(include_abstract=True)
+    pool_paths = {p for files in pool.values() for p in files}
+    held_paths = {p for c, files in scan_openclipart().items() if _is_held_out(c, held, base)
+                  for p in files}
+    assert held_paths and not pool_paths & held_paths
+    assert not held & set(pool)
+    assert set(split["base"]) <= set(pool)  # base classes are in, small categories too
+    assert any(len(files) < 20 for files in pool.values())
+    # the run folder records exactly what was loaded: a few files per category, checked
+    few = {c: files[:2] for c, files in list(pool.items())[:3]}
+    images, labels, categories = pretrain.load_pool(tmp_path, 16, few)
+    record = json.loads((tmp_path / pretrain.POOL_FILES).read_text())
+    assert images.shape == (6, 16, 16, 3) and images.dtype == np.uint8
+    assert record["digest"] == pretrain.files_digest([tuple(e) for e in record["files"]])
+    assert set(record["held_out_classes"]) == held
+    assert not {p for _, p in record["files"]} & held_paths
+
+
+def test_abstract_images_get_their_share_of_draws() -> None:
+    labels = np.array([0] * 90 + [1] * 10)
+    weights = pretrain.sampling_weights(labels, ["shapes.stars", "food.fruit"], 0.35)
+    assert float(weights[:90].sum()) == pytest.approx(0.35)
+    assert float(weights[90:].sum()) == pytest.approx(0.65)
+
+
+# --------------------------------------------------------------------------------------
+# TINT (textual inversion + null-text inversion) runs on this architecture
+def test_textual_inversion_runs_on_the_small_generator(tiny_backbone) -> None:
+    from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
+
+    table_before = tiny_backbone.text_encoder.get_input_embeddings().weight.detach().clone()
+    images = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    result = textual_inversion(tiny_backbone, images, TextualInversionConfig(steps=4, lr=1e-2),
+                               progress=False)
+    assert result.embedding.shape == (32,)
+    assert all(np.isfinite(result.losses))
+    table = tiny_backbone.text_encoder.get_input_embeddings().weight.detach()
+    assert torch.equal(table[: table_before.shape[0]], table_before)  # only the new row
+    assert not torch.allclose(table[result.token_id], table_before[tiny_backbone.tokenizer.convert_tokens_to_ids("object")])
+
+
+def test_null_text_inversion_beats_plain_inversion_under_cfg(tiny_backbone) -> None:
+    from tint.diffusion.ddim import ddim_invert, ddim_sample
+    from tint.diffusion.null_text import NullTextConfig, null_text_inversion
+
+    steps = 10
+    coarse = torch.rand(1, 3, 4, 4, generator=torch.Generator().manual_seed(3))
+    image = torch.nn.functional.interpolate(coarse, size=(16, 16), mode="bilinear")
+    z0 = tiny_backbone.encode_images(image)
+    cond = tiny_backbone.encode_prompt(["a photo of an object"])
+    uncond = tiny_backbone.encode_prompt([""])
+    config = NullTextConfig(num_steps=steps, guidance=7.5, inner_steps=10, lr=0.1,
+                            schedule="constant")
+    result = null_text_inversion(tiny_backbone, z0, cond, uncond, config)
+    trajectory = ddim_invert(tiny_backbone, z0, cond, num_steps=steps)
+    plain = ddim_sample(tiny_backbone, trajectory[-1], cond, uncond, guidance=7.5, num_steps=steps)
+    nti = ddim_sample(tiny_backbone, result.z_T, cond, result.uncond_embeddings[:, None],
+                      guidance=7.5, num_steps=steps)
+    err_plain = float(((plain - z0) ** 2).mean())
+    err_nti = float(((nti - z0) ** 2).mean())
+    assert err_nti * 100 <= err_plain, (err_nti, err_plain)
+
+
+# --------------------------------------------------------------------------------------
+# the command end to end: pool -> training -> export -> loss curve -> grid -> loader
+def test_pretrain_command_end_to_end(tmp_path: Path, tiny_text, monkeypatch) -> None:
+    from tint.cli import main
+    from tint.data.openclipart import pretraining_pool
+
+    few = {c: files[:3] for c, files in sorted(pretraining_pool().items())[:2]}
+    monkeypatch.setattr(pretrain, "build_pool_files", lambda include_abstract=True: few)
+    monkeypatch.setattr(pretrain.sg, "load_text_encoder",
+                        lambda prompt_length=8: (sg.freeze(tiny_text[0]), tiny_text[1]))
+    monkeypatch.setattr(pretrain.sg, "build_unet", _tiny_unet_for(tiny_text))
+    out, export = tmp_path / "run", tmp_path / "export"
+    argv = ["pretrain-generator", "--out", str(out), "--size", "tiny", "--resolution", "16",
+            "--batch-size", "4", "--max-steps", "3", "--warmup-steps", "1", "--export",
+            str(export), "--grid-per-class", "2", "--grid-steps", "2"]
+    assert main(argv) == 0
+    for name in ("checkpoint.safetensors", "loss_curve.png", "samples.png", "pool_files.json",
+                 "summary.json", "generator/tint_generator.json"):
+        assert (out / name).is_file(), name
+    marker = json.loads((export / sg.MARKER_FILE).read_text())
+    assert marker["text_encoder"] == sg.TEXT_ENCODER_PACKAGE and marker["resolution"] == 16
+    assert marker["steps"] == 3 and marker["data_digest"]
+    parts = sg.load_small_generator_parts(export)  # (real MiniLM: the marker names it)
+    assert next(parts["unet"].parameters()).dtype == torch.float32
+    assert parts["scheduler"].config.prediction_type == "v_prediction"

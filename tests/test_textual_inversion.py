@@ -48,9 +48,12 @@ def test_only_the_new_row_changes(backbone):
     assert result.token_id in prompt[0].tolist()
 
 
-def test_loss_on_a_fixed_batch_goes_down(backbone, monkeypatch):
-    """Train on one fixed batch (fixed t and noise): Eq. 1 on it must decrease."""
-    image = support_images(1)
+@pytest.mark.parametrize("pixel_v", [False, True], ids=["eps-latent", "v-pixel"])
+def test_loss_on_a_fixed_batch_goes_down(tmp_path, monkeypatch, pixel_v):
+    """Train on one fixed batch (fixed t and noise): Eq. 1 (eps or v target) must decrease."""
+    kind = {"pixel_space": True, "prediction_type": "v_prediction", "resolution": 16}
+    backbone = build_tiny_backbone(tmp_path, **(kind if pixel_v else {}))
+    image = support_images(1, side=backbone.resolution)
     z0 = backbone.encode_images(image).expand(4, -1, -1, -1)
     generator = torch.Generator().manual_seed(5)
     t = torch.randint(250, 1000, (4,), generator=generator)
@@ -97,6 +100,11 @@ def test_nan_loss_is_a_clear_error_and_nothing_changes(backbone, tmp_path):
         textual_inversion(backbone, images, TextualInversionConfig(steps=3), progress=False)
     assert torch.equal(embedding_table(backbone)[: before.shape[0]], before)
     assert list(out.iterdir()) == []
+    # a retry in the same process re-trains the same placeholder from the init word
+    result = textual_inversion(backbone, support_images(2), TextualInversionConfig(steps=1),
+                               progress=False)
+    assert result.token_id == before.shape[0]
+    assert embedding_table(backbone).shape[0] == before.shape[0] + 1
 
 
 def test_bad_settings_are_clear_errors(backbone):

@@ -110,7 +110,8 @@ class DiffusionBackbone:
 
     @property
     def downscale_factor(self) -> int:
-        """Image side / latent side (8 for SD's VAE, 1 in pixel space)."""
+        """Image side / latent side (8 for SD's VAE; in pixel space the identity
+        autoencoder's class attribute: 1, or 2 for the small generator's space-to-depth)."""
         if self.is_pixel_space:
             return int(getattr(self.vae, "downscale_factor", 1))  # 2 for space-to-depth
         return 2 ** (len(self.vae.config.block_out_channels) - 1)

@@ -229,8 +229,10 @@ def update_ema(ema, model, step: int, decay: float) -> None:
 
 # --------------------------------------------------------------------------------------
 # checkpoints: model + EMA + AdamW moments in one safetensors file
-def checkpoint_tensors(unet, ema, optimizer) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(unet, ema, optimizer, gen: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    if gen is not None:  # the data/noise stream: a resumed run continues it exactly
+        tensors["rng"] = gen.get_state()
     tensors.update({f"ema.{k}": v for k, v in ema.state_dict().items()})
     for i, p in enumerate(unet.parameters()):
         state = optimizer.state.get(p)
@@ -241,12 +243,15 @@ def checkpoint_tensors(unet, ema, optimizer) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def save_checkpoint(out_dir: Path, unet, ema, optimizer, meta: dict) -> None:
-    save_tensors(out_dir / CHECKPOINT, checkpoint_tensors(unet, ema, optimizer), meta)
+def save_checkpoint(out_dir: Path, unet, ema, optimizer, meta: dict,
+                    gen: torch.Generator | None = None) -> None:
+    save_tensors(out_dir / CHECKPOINT, checkpoint_tensors(unet, ema, optimizer, gen), meta)
 
 
-def load_checkpoint(out_dir: Path, unet, ema, optimizer) -> dict:
+def load_checkpoint(out_dir: Path, unet, ema, optimizer, gen: torch.Generator | None = None) -> dict:
     tensors, meta = load_tensors(out_dir / CHECKPOINT)
+    if gen is not None and "rng" in tensors:
+        gen.set_state(tensors["rng"])
     unet.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("unet.")})
     ema.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     for i, p in enumerate(unet.parameters()):
@@ -307,15 +312,15 @@ def train(
     ema = copy.deepcopy(unet).requires_grad_(False)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     state = TrainState(losses=[])
+    gen = torch.Generator().manual_seed(cfg.seed)
     if (out_dir / CHECKPOINT).is_file():
-        meta = load_checkpoint(out_dir, unet, ema, optimizer)
+        meta = load_checkpoint(out_dir, unet, ema, optimizer, gen)
         if meta.get("config", {}).get("size") not in (None, cfg.size):
             raise TintError(f"{out_dir / CHECKPOINT}: trained with another --size; use a new --out")
         state.step, state.wall_s = int(meta["step"]), float(meta["wall_s"])
         state.losses = read_json(out_dir / LOSSES) if (out_dir / LOSSES).is_file() else []
         LOG.info("resumed from step %d", state.step)
     alphas = sg.build_scheduler().alphas_cumprod.float()
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + state.step)
     images_t = torch.from_numpy(images)  # uint8 [N,R,R,3]
     labels_t = torch.from_numpy(labels)
     stop_at = min(max_steps or cfg.steps, cfg.steps) if max_steps else cfg.steps
@@ -326,7 +331,7 @@ def train(
     def checkpoint() -> None:
         meta = {"step": state.step, "wall_s": state.wall_s + time.time() - start,
                 "config": asdict(cfg)}
-        save_checkpoint(out_dir, unet, ema, optimizer, meta)
+        save_checkpoint(out_dir, unet, ema, optimizer, meta, gen)
         write_json(out_dir / LOSSES, state.losses)
 
     while state.step < stop_at and (deadline is None or time.time() < deadline):

@@ -102,6 +102,21 @@ def add_placeholder_token(backbone, token: str, init_word: str = "object") -> in
     return int(token_id)
 
 
+def _fresh_placeholder(backbone, token: str, init_word: str) -> int:
+    """Add the placeholder, or (re-training the same class in one process) reset its row
+    to the init word's embedding."""
+    if token not in backbone.tokenizer.get_vocab():
+        return add_placeholder_token(backbone, token, init_word)
+    init_ids = backbone.tokenizer.encode(init_word, add_special_tokens=False)
+    if len(init_ids) != 1:
+        raise TintError(f"textual inversion init word {init_word!r} is not a single token")
+    token_id = int(backbone.tokenizer.convert_tokens_to_ids(token))
+    with torch.no_grad():
+        table = backbone.text_encoder.get_input_embeddings().weight
+        table[token_id] = table[init_ids[0]]
+    return token_id
+
+
 def install_token_embedding(backbone, token: str, vector: torch.Tensor) -> int:
     """Make `token` mean `vector` in this backbone (add it if absent): how a saved class
     embedding is used again, e.g. by the generate stage on a freshly loaded backbone."""
@@ -195,7 +210,7 @@ def textual_inversion(
     if images01.ndim != 4 or images01.shape[0] < 1:
         raise TintError(f"textual inversion needs images [K, 3, R, R], got {tuple(images01.shape)}")
     latents = backbone.encode_images(images01).float()  # cached once: the VAE is frozen
-    token_id = add_placeholder_token(backbone, config.placeholder, config.init_word)
+    token_id = _fresh_placeholder(backbone, config.placeholder, config.init_word)
     table_before = backbone.text_encoder.get_input_embeddings().weight.detach().clone()
     input_ids = backbone.tokenize([config.template.format(config.placeholder)])
     generator = torch.Generator().manual_seed(config.seed)

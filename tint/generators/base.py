@@ -97,6 +97,12 @@ def image_seed(seed: int, class_name: str, index: int) -> int:
     return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
+def support_fingerprint(support: torch.Tensor) -> str:
+    """sha256 of the support pixels: a resumed run must not reuse another episode's artifact."""
+    data = support.detach().float().contiguous().cpu().numpy().tobytes()
+    return hashlib.sha256(data).hexdigest()
+
+
 def image_rng(seed: int, class_name: str, index: int) -> torch.Generator:
     """CPU generator for one image's random draws (draw on CPU, move to device after)."""
     return torch.Generator("cpu").manual_seed(image_seed(seed, class_name, index))

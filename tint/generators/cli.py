@@ -17,7 +17,13 @@ from tqdm.auto import tqdm
 
 from tint.errors import TintError
 from tint.generators import available_generators, create_generator
-from tint.generators.base import artifact_is_complete, artifact_path, settings_dict
+from tint.generators.base import (
+    artifact_is_complete,
+    artifact_path,
+    load_artifact,
+    settings_dict,
+    support_fingerprint,
+)
 from tint.io import set_threads, write_json
 
 DEFAULT_BACKBONE = "tint-clipart"
@@ -73,16 +79,18 @@ def run(args: argparse.Namespace) -> int:
     write_json(out / RUN_FILE, {
         "generator": args.generator, "backbone": args.backbone, "dataset": dataset.spec,
         "resolution": dataset.resolution, "classes": classes, "episode": episode_info,
+        "supports": supports,
         "settings": settings_dict(settings),
     })
-    todo = [c for c in classes if not _class_done(generator, out, c, settings, args.overwrite)]
+    images = {name: dataset.load_tensor(supports[name]) for name in classes}
+    todo = [c for c in classes
+            if not _class_done(generator, out, c, settings, images[c], args.overwrite)]
     print(f"tint specialize: {len(classes) - len(todo)} of {len(classes)} classes already done")
     if not todo:
         return 0
     backbone = load_backbone_on(args.backbone, args.device)
     for name in tqdm(todo, desc="specialize", unit="class"):
-        support = dataset.load_tensor(supports[name])
-        path = generator.specialize(backbone, name, support, out, settings)
+        path = generator.specialize(backbone, name, images[name], out, settings)
         log.info("wrote %s", path)
     print(f"tint specialize: wrote {len(todo)} artifact(s) to {out}")
     return 0
@@ -139,15 +147,23 @@ def build_settings(generator: Any, args: argparse.Namespace, resolution: int) ->
     return cls(**{k: v for k, v in values.items() if k in known})
 
 
-def _class_done(generator: Any, out: Path, name: str, settings: Any, overwrite: bool) -> bool:
+def _class_done(generator: Any, out: Path, name: str, settings: Any, support: torch.Tensor,
+                overwrite: bool) -> bool:
+    """Complete, same settings and same support images: skip. Other inputs: refuse to mix."""
     path = artifact_path(out, name)
     required = getattr(generator, "REQUIRED_TENSORS", ())
-    if artifact_is_complete(path, required, settings):
+    if not artifact_is_complete(path, required):
+        return False  # missing or half-made: (re)do it
+    meta = load_artifact(path)[1]
+    recorded = meta.get("support_sha256")
+    same_support = recorded is None or recorded == support_fingerprint(support)
+    if meta.get("settings") == settings_dict(settings) and same_support:
         return True
-    if path.is_file() and artifact_is_complete(path, required) and not overwrite:
-        raise TintError(f"{path}: made with other settings; pass --overwrite to redo it or "
-                        "choose another --out")
-    return False
+    if overwrite:
+        return False
+    what = "settings" if same_support else "support images (another episode?)"
+    raise TintError(f"{path}: made with other {what}; pass --overwrite to redo it or choose "
+                    "another --out")
 
 
 def load_backbone_on(spec: str, device: str, dtype: torch.dtype = torch.float32) -> Any:

@@ -47,6 +47,7 @@ from tint.generators.base import (
     save_artifact,
     settings_dict,
     settings_from,
+    support_fingerprint,
     validate_support,
     write_image,
     write_manifest_rows,
@@ -222,7 +223,8 @@ def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: s
         guidance=s.guidance, dataset_resolution=dataset_resolution,
         support=images if s.store_support else None,
         extra={"bridge": bridge.plan(dataset_resolution), "settings": settings_dict(s),
-               "backbone": s.backbone, "ti_final_loss": ti.losses[-1] if ti.losses else None,
+               "backbone": s.backbone, "support_sha256": support_fingerprint(support),
+               "ti_final_loss": ti.losses[-1] if ti.losses else None,
                "ti_first_loss": ti.losses[0] if ti.losses else None},
     )
 
@@ -311,7 +313,7 @@ def sample_latents(backbone: Any, artifact: TintArtifact, draws: Sequence[ImageD
     noise = torch.stack([d.noise for d in draws]).to(device)
     alpha = torch.tensor([d.alpha for d in draws], dtype=torch.float64)
     z_start = blend_latents(z_T, noise, alpha).to(backbone.dtype)
-    uncond = artifact.uncond[ks].transpose(0, 1).to(device, backbone.dtype)  # [T, B, L, D]
+    uncond = artifact.uncond[ks].transpose(0, 1).contiguous().to(device, backbone.dtype)  # [T,B,L,D]
     cond = cond.to(device, backbone.dtype).expand(len(draws), -1, -1)
     return ddim_sample(backbone, z_start, cond, uncond, guidance, artifact.timesteps.numel())
 
