@@ -514,9 +514,15 @@ def _calibrate_latent_scale(backbone: DiffusionBackbone, seed: int, count: int =
 # --- one entry point by name / path --------------------------------------------------------
 
 
+# The small text-to-image generator shipped with tint (see docs/generator.md).
+EMBEDDED_GENERATOR = "tint-clipart"
+EMBEDDED_GENERATOR_DIR = Path(__file__).resolve().parent.parent / "assets" / "generator"
+
+
 def load_backbone(spec: str | Path, **kwargs: Any) -> DiffusionBackbone:
     """Backbone by spec: "tiny" (latent, eps), "tiny-pixel-v" (pixel, v), "sd15-random"
-    (SD 1.5 architecture, random weights), a tint small generator folder (has
+    (SD 1.5 architecture, random weights), "tint-clipart" (the embedded generator),
+    a tint small generator folder (has
     ``tint_generator.json``), or an SD folder / hub id."""
     text = str(spec)
     if text == "sd15-random":
@@ -528,7 +534,15 @@ def load_backbone(spec: str | Path, **kwargs: Any) -> DiffusionBackbone:
             kwargs.setdefault("pixel_space", True)
             kwargs.setdefault("prediction_type", "v_prediction")
         return build_tiny_backbone(workdir, **kwargs)
-    path = Path(text).expanduser()
+    if text == EMBEDDED_GENERATOR:
+        path = EMBEDDED_GENERATOR_DIR
+        if not (path / SMALL_GENERATOR_MARKER).is_file():
+            raise TintError(
+                f"the embedded generator {EMBEDDED_GENERATOR!r} is missing from {path}; "
+                "reinstall tint or pass --backbone with a model folder"
+            )
+    else:
+        path = Path(text).expanduser()
     if (path / SMALL_GENERATOR_MARKER).is_file():
         from tint.diffusion.small_generator import load_small_generator
 
