@@ -119,3 +119,25 @@ def test_torchscript_super_resolver(tmp_path):
     torch.jit.script(_WrongScale()).save(str(bad))
     with pytest.raises(TintError, match="expected"):
         load_super_resolver(str(bad))(torch.rand(1, 3, 8, 8))
+
+
+def test_local_diffusers_super_resolution_pipeline(tmp_path):
+    from diffusers import DDIMScheduler, LDMSuperResolutionPipeline, UNet2DModel, VQModel
+
+    torch.manual_seed(0)
+    vqvae = VQModel(in_channels=3, out_channels=3, latent_channels=3, num_vq_embeddings=16,
+                    down_block_types=("DownEncoderBlock2D",) * 3,
+                    up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 8, 8),
+                    layers_per_block=1, norm_num_groups=8)
+    unet = UNet2DModel(sample_size=8, in_channels=6, out_channels=3, block_out_channels=(16, 16),
+                       down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                       layers_per_block=1, norm_num_groups=8)
+    LDMSuperResolutionPipeline(vqvae=vqvae, unet=unet, scheduler=DDIMScheduler()).save_pretrained(
+        tmp_path / "sr")
+    sr = load_super_resolver(str(tmp_path / "sr"))
+    sr.steps = 2
+    x = torch.rand(2, 3, 8, 8)
+    out = sr(x)
+    assert out.shape == (2, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
+    assert torch.equal(out, sr(x))  # seeded: same input, same output
+    assert ResolutionBridge(32, super_resolver=sr).plan(8) == ["sr"]

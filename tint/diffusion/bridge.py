@@ -95,11 +95,16 @@ class DiffusersSuperResolver:
 
     @torch.no_grad()
     def __call__(self, x01: torch.Tensor) -> torch.Tensor:
-        kwargs = {"image": x01, "num_inference_steps": self.steps, "output_type": "pt"}
-        if "prompt" in _call_parameters(self.pipe):  # text-guided upscalers want a prompt
+        params = _call_parameters(self.pipe)
+        # LDM super-resolution takes tensors in [-1, 1]; SD's upscaler preprocesses [0, 1]
+        ldm = type(self.pipe).__name__.startswith("LDM")
+        kwargs: dict = {"image": x01 * 2 - 1 if ldm else x01,
+                        "num_inference_steps": self.steps, "output_type": "pt"}
+        if "prompt" in params:  # text-guided upscalers want a prompt
             kwargs["prompt"] = [""] * x01.shape[0]
-        out = self.pipe(**kwargs).images
-        out = torch.as_tensor(out).to(x01.device, torch.float32)
+        if "generator" in params:  # deterministic: the same supports give the same artifact
+            kwargs["generator"] = torch.Generator(self.pipe.device).manual_seed(0)
+        out = _as_nchw(self.pipe(**kwargs).images).to(x01.device, torch.float32)
         return _checked_upscale(x01, out, self.scale, str(self.folder))
 
     def __repr__(self) -> str:
@@ -110,6 +115,18 @@ def _call_parameters(pipe: object) -> set[str]:
     import inspect
 
     return set(inspect.signature(pipe.__call__).parameters)
+
+
+def _as_nchw(images: object) -> torch.Tensor:
+    """Pipeline outputs come as NCHW tensors, NHWC arrays or PIL lists: make them NCHW."""
+    import numpy as np
+
+    if isinstance(images, list):
+        images = np.stack([np.asarray(im, dtype=np.float32) / 255.0 for im in images])
+    out = torch.as_tensor(images)
+    if out.ndim == 4 and out.shape[1] != 3 and out.shape[-1] == 3:
+        out = out.permute(0, 3, 1, 2)
+    return out
 
 
 def _checked_upscale(x01: torch.Tensor, out: torch.Tensor, scale: int, name: str) -> torch.Tensor:

@@ -325,6 +325,7 @@ def train(
     labels_t = torch.from_numpy(labels)
     stop_at = min(max_steps or cfg.steps, cfg.steps) if max_steps else cfg.steps
     unet.train()
+    first_step = state.step
     last_ckpt, start, window = time.time(), time.time(), []
     bar = tqdm(total=stop_at, initial=state.step, desc="pretraining", disable=not progress)
 
@@ -365,7 +366,8 @@ def train(
             last_ckpt = time.time()
             LOG.info("checkpoint at step %d", state.step)
     bar.close()
-    checkpoint()
+    if state.step > first_step:  # a run that trained nothing leaves the checkpoint alone
+        checkpoint()
     state.wall_s += time.time() - start
     return unet, ema, state
 
