@@ -196,3 +196,51 @@ def test_cli_rejects_bad_config_before_any_work(data_root, tmp_path, capsys):
     assert main(["run", "--set", "generator.nmae=tint", "--run-dir", str(run_dir)]) == 2
     assert "generator.nmae: unknown key" in capsys.readouterr().err
     assert not run_dir.exists()
+
+
+def test_experiment_shares_artifacts_and_reruns_for_free(data_root, tmp_path):
+    """Two alphas: one specialisation per class serves both; a second run computes nothing."""
+    import yaml
+
+    from tint.experiment import load_experiment, run_experiment
+
+    base = tiny_config(data_root, tmp_path / "unused")
+    base["students"] = [{"name": "with-tint", "arch": "conv4"}]
+    base["export"] = {"enabled": False}
+    base["report"] = {"enabled": False}
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({
+        "name": "alpha", "out_dir": str(tmp_path / "exp"), "base": "base.yaml",
+        "set": {"distill.iterations": 2},
+        "grid": {"alpha": [{"label": "0.5", "set": {"generator.generate.alpha": 0.5}},
+                           {"label": "1.0", "set": {"generator.generate.alpha": 1.0}}]},
+    }))
+    experiment = load_experiment(tmp_path / "exp.yaml")
+    computed: list[str] = []
+    rows = run_experiment(experiment, hooks={"*": lambda stage, label: computed.append(stage)})
+    assert computed.count("specialize") == 2 * 3  # 2 episodes x 3 classes, not x 2 alphas
+    assert computed.count("generate") == 2 * 2 * 3 and computed.count("teacher") == 1
+    assert [(r["alpha"], r["model"]) for r in rows] == [
+        ("0.5", "teacher"), ("0.5", "with-tint"), ("1.0", "teacher"), ("1.0", "with-tint")]
+    table = (tmp_path / "exp" / "results.md").read_text()
+    assert "| alpha | model | accuracy (95% CI) | episodes |" in table
+    assert (tmp_path / "exp" / "results.csv").is_file() and (tmp_path / "exp" / "results.png").is_file()
+    computed.clear()
+    again = run_experiment(experiment, hooks={"*": lambda stage, label: computed.append(stage)})
+    assert computed == [] and again == rows
+
+
+def test_experiment_rejects_a_bad_cell_before_any_work(data_root, tmp_path):
+    import yaml
+
+    from tint.experiment import load_experiment, run_experiment
+
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(tiny_config(data_root, tmp_path / "x")))
+    (tmp_path / "exp.yaml").write_text(yaml.safe_dump({
+        "out_dir": str(tmp_path / "exp"), "base": "base.yaml",
+        "grid": {"lr": [{"label": "ok", "set": {"distill.lr": 0.01}},
+                        {"label": "bad", "set": {"distill.lr": "abc"}}]},
+    }))
+    with pytest.raises(TintError, match="cell bad: distill.lr: expected float, got 'abc'"):
+        run_experiment(load_experiment(tmp_path / "exp.yaml"))
+    assert not (tmp_path / "exp" / "cells").exists()

@@ -359,6 +359,9 @@ def test_pretrain_command_end_to_end(tmp_path: Path, tiny_text, monkeypatch) -> 
     marker = json.loads((export / sg.MARKER_FILE).read_text())
     assert marker["text_encoder"] == sg.TEXT_ENCODER_PACKAGE and marker["resolution"] == 16
     assert marker["steps"] == 3 and marker["data_digest"]
+    provenance = (export / "PROVENANCE.md").read_text()
+    assert marker["data_digest"] in provenance and "tint pretrain-generator" in provenance
+    assert (export / "loss_curve.png").is_file()
     parts = sg.load_small_generator_parts(export)  # (real MiniLM: the marker names it)
     assert next(parts["unet"].parameters()).dtype == torch.float32
     assert parts["scheduler"].config.prediction_type == "v_prediction"

