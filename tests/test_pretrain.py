@@ -362,6 +362,10 @@ def test_pretrain_command_end_to_end(tmp_path: Path, tiny_text, monkeypatch) -> 
     provenance = (export / "PROVENANCE.md").read_text()
     assert marker["data_digest"] in provenance and "tint pretrain-generator" in provenance
     assert (export / "loss_curve.png").is_file()
+    # resume once more without the openclipart files (as on a GPU machine)
+    monkeypatch.setattr(pretrain, "build_pool_files", None)
+    assert main([*argv[:-4], "--max-steps", "4", "--pool-from-cache", "--no-grid"]) == 0
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
     parts = sg.load_small_generator_parts(export)  # (real MiniLM: the marker names it)
     assert next(parts["unet"].parameters()).dtype == torch.float32
     assert parts["scheduler"].config.prediction_type == "v_prediction"

@@ -291,8 +291,13 @@ def run(args: argparse.Namespace) -> int:
     if args.out_dir:
         experiment.out_dir = Path(args.out_dir)
     if args.list:
+        from tint.pipeline import validate_components
+
         for cell in cells(experiment, args.full, args.overrides):
-            cell_config(experiment, cell)  # validates
+            try:
+                validate_components(cell_config(experiment, cell))
+            except TintError as err:
+                raise TintError(f"cell {cell.name}: {err}") from err
             print(f"{cell.name}: {' '.join(cell.overrides)}")
         return 0
     rows = run_experiment(experiment, args.full, args.overrides)
