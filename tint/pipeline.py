@@ -31,6 +31,7 @@ import hashlib
 import json
 import logging
 import random
+import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -77,7 +78,13 @@ def run(args: argparse.Namespace) -> int:
     if args.print_config:
         print(dump_config(config), end="")
         return 0
-    results = run_pipeline(config)
+    console = logging.StreamHandler()
+    console.setFormatter(logging.Formatter("tint: %(message)s"))
+    LOGGER.addHandler(console)
+    try:
+        results = run_pipeline(config)
+    finally:
+        LOGGER.removeHandler(console)
     print("\n".join(_summary_lines(results)))
     print(f"report: {Path(config.run_dir) / 'report.html'}")
     return 0
@@ -181,9 +188,7 @@ def _jsonable(obj: Any) -> Any:
 
 
 def _mentions_nan(text: str) -> bool:
-    lowered = text.lower()
-    return "nan" in lowered.replace("nano", "").split() or "nan " in lowered or " nan" in lowered \
-        or "non-finite" in lowered or "not finite" in lowered or "infinity" in lowered
+    return re.search(r"\bnan\b|\binf\b|infinity|non-finite|not finite", text.lower()) is not None
 
 
 def _nan_error(stage: str, label: str, ctx: RunContext, detail: str) -> NonFiniteError:
@@ -208,6 +213,7 @@ def check_finite(stage: str, label: str, name: str, tensor: torch.Tensor) -> Non
 def run_pipeline(config: RunConfig, store: str | Path | None = None,
                  hooks: dict[str, Callable[..., None]] | None = None) -> dict:
     """Run (or resume) every stage of `config`; return the results dict (results.json)."""
+    validate_components(config)  # before anything is written
     run_dir = Path(config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(config, run_dir, Path(store) if store else run_dir / "artifacts", dict(hooks or {}))
@@ -216,7 +222,6 @@ def run_pipeline(config: RunConfig, store: str | Path | None = None,
         set_threads(config.threads)
         save_resolved(config, run_dir / "config.yaml")
         LOGGER.info("tint run %s -> %s", config.name, run_dir)
-        validate_components(config)
         episodes = prepare(ctx)
         teacher_dir = train_teacher(ctx)
         evaluations = [run_episode(ctx, episode, teacher_dir) for episode in episodes]
@@ -268,6 +273,15 @@ def validate_components(config: RunConfig) -> None:
             raise TintError(f"generator.{part}: {err}") from err
         except TypeError as err:
             raise TintError(f"generator.{part}: {err}") from err
+    if gen.name != "none" and gen.backbone == "tint-clipart":
+        from tint.diffusion.backbone import EMBEDDED_GENERATOR_DIR, SMALL_GENERATOR_MARKER
+
+        if not (EMBEDDED_GENERATOR_DIR / SMALL_GENERATOR_MARKER).is_file():
+            raise TintError(
+                f"generator.backbone: the embedded generator 'tint-clipart' is missing from "
+                f"{EMBEDDED_GENERATOR_DIR}; reinstall tint, or set generator.backbone to a "
+                "generator folder (tint pretrain-generator) or a Stable Diffusion folder"
+            )
     if config.teacher.name not in ("pmf", "labelhalluc"):
         raise TintError(f"teacher.name: unknown teacher {config.teacher.name!r}; choose pmf or labelhalluc")
     from tint.students.models import list_students

@@ -200,7 +200,8 @@ def _image_grid(episode: dict, path: Path, max_grid: int) -> Path | None:
     fig, ax = plt.subplots(figsize=(width / 80, THUMB * len(support) / 80))
     ax.imshow(np.asarray(canvas))
     for row, name in enumerate(episode["classes"]):
-        ax.text(4, row * THUMB + THUMB / 2, name[-22:], fontsize=7, va="center")
+        short = name if len(name) <= 22 else "..." + name[-19:]
+        ax.text(4, row * THUMB + THUMB / 2, short, fontsize=7, va="center")
     ax.axis("off")
     return _save(fig, path)
 
