@@ -35,6 +35,21 @@ def test_shipped_configs_validate(path):
     load_config(path)
 
 
+def test_configs_demo_is_the_embedded_default():
+    assert load_config(REPO / "configs" / "demo.yaml") == load_config()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "configs" / "experiments").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_experiments_validate(path):
+    from tint.experiment import cell_config, cells, load_experiment
+
+    experiment = load_experiment(path)
+    for full in (False, True):
+        for cell in cells(experiment, full):
+            cell_config(experiment, cell)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -132,7 +132,8 @@ def _default_students() -> list[StudentConfig]:
 
 @dataclass
 class RunConfig:
-    """Everything `tint run` needs; every field has a default (the demo's)."""
+    """Everything `tint run` needs. Every field has a default; the demo sets its own
+    values in tint/configs/demo.yaml."""
 
     name: str = "demo"
     run_dir: str = "runs/demo"

@@ -572,13 +572,14 @@ def training_command(out_dir: Path) -> str:
         flag = "--" + key.replace("_", "-")
         if value is True:
             parts.append(flag)
-        elif value not in (None, False):
+        elif value is not None and value is not False:
             parts.append(f"{flag} {value}")
     return " ".join(parts)
 
 
 def write_provenance(out_dir: Path, export: Path, summary: dict, pool: dict) -> None:
     """PROVENANCE.md + loss curve (+ sample grid) beside the exported generator."""
+    import os
     import platform
     import shutil
 
@@ -593,7 +594,7 @@ def write_provenance(out_dir: Path, export: Path, summary: dict, pool: dict) -> 
   `--finish-only --export {export}`; both are `tint pretrain-generator`).
 - Seed: {summary['seed']}. Steps: {summary['steps']}. Training wall time: {summary['train_wall_s']} s
   ({hours:.2f} h), 1 torch thread on a CPU shared with other jobs
-  ({platform.machine()}, {platform.processor() or 'unknown CPU'}, torch {torch.__version__}).
+  ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}).
 - Final training loss (v-MSE, 25-step mean): {summary['final_loss']}.
 - Data: openclipart-png pool of {summary['images']} images in {summary['categories']} categories
   (every usable image outside the val/novel classes, abstract categories included at 35% of

@@ -195,6 +195,8 @@ def save_small_generator(
 
         unet_to_save = copy.deepcopy(unet).to(dtype)
     unet_to_save.save_pretrained(str(out_dir / "unet"), safe_serialization=True)
+    for file in (out_dir / "unet").iterdir():
+        file.chmod(0o644)  # the safetensors writer creates it owner-only
     build_scheduler().save_pretrained(str(out_dir / "scheduler"))
     marker = {
         "format": "tint-small-generator/1",
