@@ -108,12 +108,12 @@ class RunContext:
     store: Path  # keyed artifacts; `tint experiment` shares one store between runs
     hooks: dict[str, Callable[..., None]] = field(default_factory=dict)  # tests inject faults
     markers: dict[str, dict] = field(default_factory=dict)  # stage markers this run used
-    _cache: dict[str, Any] = field(default_factory=dict)
+    cache: dict[str, Any] = field(default_factory=dict)  # models and tensors loaded once
 
     def cached(self, name: str, make: Callable[[], Any]) -> Any:
-        if name not in self._cache:
-            self._cache[name] = make()
-        return self._cache[name]
+        if name not in self.cache:
+            self.cache[name] = make()
+        return self.cache[name]
 
     @property
     def dataset(self):
@@ -432,8 +432,25 @@ def _write_episode(ctx: RunContext, data: EpisodeData, folder: Path) -> dict:
 
 def _generator_key(ctx: RunContext) -> dict:
     gen = ctx.config.generator
-    return {"name": gen.name, "backbone": gen.backbone, "specialize": gen.specialize,
-            "resolution": ctx.config.data.resolution}
+    return {"name": gen.name, "backbone": gen.backbone, "weights": backbone_fingerprint(gen.backbone),
+            "specialize": gen.specialize, "resolution": ctx.config.data.resolution}
+
+
+def backbone_fingerprint(spec: str) -> str | None:
+    """A cheap identity of a local generator's weights (its config files and weight-file
+    sizes), so that re-exported weights under the same name never reuse old artifacts."""
+    from tint.diffusion.backbone import EMBEDDED_GENERATOR, EMBEDDED_GENERATOR_DIR
+
+    folder = EMBEDDED_GENERATOR_DIR if spec == EMBEDDED_GENERATOR else Path(spec).expanduser()
+    if not folder.is_dir():
+        return None  # "tiny" (seeded), or a hub id
+    parts = []
+    for path in sorted(folder.rglob("*")):
+        if path.suffix == ".json":
+            parts.append((str(path.relative_to(folder)), path.read_text()))
+        elif path.suffix in (".safetensors", ".bin", ".pt", ".ckpt"):
+            parts.append((str(path.relative_to(folder)), path.stat().st_size))
+    return stable_hash(parts)
 
 
 def _uses_synthetic(ctx: RunContext) -> bool:
@@ -588,11 +605,11 @@ def load_teacher(ctx: RunContext, folder: Path):
 def fit_teacher(ctx: RunContext, episode: EpisodeData, teacher_dir: Path):
     """Prototypes (pmf) / logistic regression (labelhalluc) on this episode's support."""
     teacher = load_teacher(ctx, teacher_dir)
-    if ctx._cache.get("teacher_fitted_for") != (str(teacher_dir), episode.index):
+    if ctx.cache.get("teacher_fitted_for") != (str(teacher_dir), episode.index):
         items, labels = _support_items(episode)
         seed_everything(stage_seed(ctx.config.seed, "teacher-fit", episode.key))
         teacher.fit(ctx.dataset.load_tensor(items), torch.tensor(labels), ids=items)
-        ctx._cache["teacher_fitted_for"] = (str(teacher_dir), episode.index)
+        ctx.cache["teacher_fitted_for"] = (str(teacher_dir), episode.index)
     return teacher
 
 

@@ -145,7 +145,14 @@ def load_text_encoder(prompt_length: int = PROMPT_LENGTH) -> tuple[nn.Module, An
     folder = minilm_path()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
     tokenizer.model_max_length = prompt_length
-    encoder = BertModel.from_pretrained(str(folder), add_pooling_layer=False)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the unused pooler weights are expected, not news
+    try:
+        encoder = BertModel.from_pretrained(str(folder), add_pooling_layer=False)
+    finally:
+        hf_logging.set_verbosity(level)
     return freeze(encoder), tokenizer
 
 
