@@ -50,7 +50,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="artifact folder")
     parser.add_argument("--ti-steps", type=int, default=5000)
     parser.add_argument("--ti-lr", type=float, default=1e-3)
-    parser.add_argument("--ti-t-min", type=int, default=250)
+    parser.add_argument("--ti-t-min", type=int, default=None,
+                        help="lowest TI timestep (default: the generator's own: 250 for tint, "
+                             "0 for plain-ti)")
     parser.add_argument("--ti-batch-size", type=int, default=1)
     parser.add_argument("--ti-grad-accum", type=int, default=1)
     parser.add_argument("--nti-lr", type=float, default=1e-2)
@@ -144,7 +146,8 @@ def build_settings(generator: Any, args: argparse.Namespace, resolution: int) ->
     }
     cls = generator.SpecializeSettings
     known = set(cls.__dataclass_fields__)
-    return cls(**{k: v for k, v in values.items() if k in known})
+    # Unset flags (None) keep the generator's own default.
+    return cls(**{k: v for k, v in values.items() if k in known and v is not None})
 
 
 def _class_done(generator: Any, out: Path, name: str, settings: Any, support: torch.Tensor,
