@@ -13,6 +13,7 @@ from torch import nn
 
 from tint.diffusion import pretrain
 from tint.diffusion import small_generator as sg
+from tint.errors import TintError
 
 torch.set_num_threads(1)
 
@@ -228,6 +229,28 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_text, monkeyp
                                    max_steps=4, progress=False)
     for (k, a), b in zip(straight.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.allclose(a, b, atol=1e-6), k
+
+
+def test_warm_start_continues_from_an_exported_generator(tmp_path: Path, tiny_text, monkeypatch) -> None:
+    monkeypatch.setattr(pretrain.sg, "build_unet", _tiny_unet_for(tiny_text))
+    images, labels = _fake_pool()
+    table, empty = _text_tables(tiny_text, 3)
+    cfg = _tiny_config(steps=10)
+    _, ema, _ = pretrain.train(tmp_path / "a", cfg, images, labels, table, empty,
+                               max_steps=3, progress=False)
+    exported = sg.save_small_generator(tmp_path / "gen", ema, resolution=16, size="tiny",
+                                       dtype=torch.float16)
+    # zero steps: the new run's model and EMA are exactly the exported (fp16) weights
+    unet, ema2, state = pretrain.train(tmp_path / "b", cfg, images, labels, table, empty,
+                                       max_steps=0, deadline=0.0, progress=False,
+                                       init_from=exported)
+    assert state.step == 0
+    for k, v in ema.state_dict().items():
+        assert torch.equal(unet.state_dict()[k], v.half().float()), k
+        assert torch.equal(ema2.state_dict()[k], v.half().float()), k
+    with pytest.raises(TintError, match="--init-from"):
+        pretrain.train(tmp_path / "c", cfg, images, labels, table, empty, max_steps=1,
+                       progress=False, init_from=tmp_path / "missing")
 
 
 # --------------------------------------------------------------------------------------

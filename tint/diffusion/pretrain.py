@@ -319,8 +319,14 @@ def train(
     checkpoint_minutes: float = 10.0,
     progress: bool = True,
     device: str = "cpu",
+    init_from: Path | None = None,
 ):
-    """Train (or resume) until max_steps / cfg.steps or the deadline; return (unet, ema, state)."""
+    """Train (or resume) until max_steps / cfg.steps or the deadline; return (unet, ema, state).
+
+    `init_from` (a saved small generator, e.g. the embedded one) warm-starts a run that has
+    no checkpoint yet: the checkpoint holds AdamW moments too large to commit, so a later
+    session continues from the committed EMA weights with fresh moments and a new schedule.
+    """
     import copy
 
     torch.manual_seed(cfg.seed)
@@ -336,6 +342,9 @@ def train(
         state.step, state.wall_s = int(meta["step"]), float(meta["wall_s"])
         state.losses = read_json(out_dir / LOSSES) if (out_dir / LOSSES).is_file() else []
         LOG.info("resumed from step %d", state.step)
+    elif init_from is not None:
+        warm_start(unet, ema, Path(init_from))
+        LOG.info("warm start from the weights in %s", init_from)
     move_training_state(unet, ema, optimizer, device)
     text_table, empty_text = text_table.to(device), empty_text.to(device)
     alphas = sg.build_scheduler().alphas_cumprod.float()
@@ -389,6 +398,23 @@ def train(
     state.wall_s += time.time() - start
     move_training_state(unet, ema, optimizer, "cpu")
     return unet, ema, state
+
+
+def warm_start(unet, ema, folder: Path) -> None:
+    """Copy a saved generator's UNet weights (stored fp16) into the model and its EMA."""
+    from safetensors.torch import load_file
+
+    weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
+        raise TintError(f"--init-from {folder}: no {weights.relative_to(folder)}; pass a folder "
+                        "written by `tint pretrain-generator --export` (e.g. tint/assets/generator)")
+    state = {k: v.float() for k, v in load_file(str(weights)).items()}
+    try:
+        unet.load_state_dict(state)
+    except RuntimeError as err:
+        raise TintError(f"--init-from {folder}: its UNet does not match --size/--resolution "
+                        f"({err.args[0].splitlines()[0]})") from err
+    ema.load_state_dict(unet.state_dict())
 
 
 def move_training_state(unet, ema, optimizer, device: str) -> None:
@@ -495,6 +521,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--grid-steps", type=int, default=20)
     parser.add_argument("--grid-guidance", type=float, default=4.0)
     parser.add_argument("--no-grid", action="store_true")
+    parser.add_argument("--init-from", default=None,
+                        help="warm-start a new run from a saved generator folder, e.g. "
+                             "tint/assets/generator (fresh optimizer moments)")
     parser.add_argument("--finish-only", action="store_true",
                         help="no training: export + loss curve + grid from the last checkpoint")
 
@@ -536,7 +565,8 @@ def run(args: argparse.Namespace) -> int:
     weights = sampling_weights(labels, categories, cfg.abstract_share)
     unet, ema, state = train(out_dir, cfg, images, labels, text_table, empty_text, weights,
                              max_steps=args.max_steps, deadline=deadline,
-                             checkpoint_minutes=args.checkpoint_minutes, device=args.device)
+                             checkpoint_minutes=args.checkpoint_minutes, device=args.device,
+                             init_from=Path(args.init_from) if args.init_from else None)
     LOG.info("stopped at step %d after %.0f s of training", state.step, state.wall_s)
     finish(out_dir, ema, categories, state, cfg, args)
     return 0
