@@ -36,6 +36,7 @@ from tint.generators.plain_ti import (
     check_generate_common,
     class_conditioning,
     load_ti_artifact,
+    sampling_settings,
     specialize_ti,
     write_generated,
 )
@@ -131,9 +132,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
                         f"backbone works at {backbone.resolution}: use the backbone it was made with")
     out_dir = Path(out_dir)
     class_name = artifact.class_name
-    resolution = s.resolution or int(artifact.meta["dataset_resolution"])
-    guidance = float(artifact.meta.get("guidance", 7.5) if s.guidance is None else s.guidance)
-    num_steps = int(artifact.meta.get("num_steps", 50) if s.num_steps is None else s.num_steps)
+    resolution, guidance, num_steps = sampling_settings(artifact, s)
     todo = missing_indices(out_dir, class_name, n_images)
     if todo:
         cond, uncond = class_conditioning(backbone, artifact, s.negative_prompt)

@@ -36,6 +36,7 @@ from tint.diffusion.textual_inversion import (
 from tint.errors import TintError
 from tint.generators.base import (
     artifact_path,
+    fresh_token,
     image_relpath,
     image_rng,
     image_seed,
@@ -51,7 +52,6 @@ from tint.generators.base import (
     write_image,
     write_manifest_rows,
 )
-from tint.generators.tint import _fresh_token as fresh_token  # one token-naming rule for all
 
 NAME = "plain-ti"
 REQUIRED_TENSORS = ("embedding",)
@@ -215,6 +215,14 @@ def write_generated(out_dir: Path, class_name: str, indices: Sequence[int], imag
     write_manifest_rows(out_dir, full_rows)
 
 
+def sampling_settings(artifact: TIArtifact, s: Any) -> tuple[int, float, int]:
+    """Output resolution, CFG scale and DDIM steps: the settings' own, else the artifact's."""
+    resolution = s.resolution or int(artifact.meta["dataset_resolution"])
+    guidance = float(artifact.meta.get("guidance", 7.5) if s.guidance is None else s.guidance)
+    num_steps = int(artifact.meta.get("num_steps", 50) if s.num_steps is None else s.num_steps)
+    return resolution, guidance, num_steps
+
+
 def check_generate_common(n_images: int, batch_size: int) -> None:
     if n_images < 0:
         raise TintError(f"n_images must be >= 0, got {n_images}")
@@ -234,9 +242,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
     artifact = load_ti_artifact(artifact_path)
     out_dir = Path(out_dir)
     class_name = artifact.class_name
-    resolution = s.resolution or int(artifact.meta["dataset_resolution"])
-    guidance = float(artifact.meta.get("guidance", 7.5) if s.guidance is None else s.guidance)
-    num_steps = int(artifact.meta.get("num_steps", 50) if s.num_steps is None else s.num_steps)
+    resolution, guidance, num_steps = sampling_settings(artifact, s)
     todo = missing_indices(out_dir, class_name, n_images)
     if todo:
         from tint.diffusion.ddim import ddim_sample

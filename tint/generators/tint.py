@@ -263,9 +263,6 @@ def _check_specialize_settings(s: SpecializeSettings) -> None:
         raise TintError(f"nti_schedule {s.nti_schedule!r}: choose 'decay' or 'constant'")
 
 
-_fresh_token = fresh_token  # old private name, still imported by other generators
-
-
 # ---------------------------------------------------------------------------------------------
 # Algorithm 2
 
