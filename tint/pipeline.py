@@ -642,8 +642,10 @@ def pseudo_label(ctx: RunContext, episode: EpisodeData, teacher_dir: Path,
 
     def work(f: Path) -> dict:
         teacher = fit_teacher(ctx, episode, teacher_dir)
-        base = _probabilities(ctx, teacher, episode.base, ctx.dataset.load_tensor)
-        syn = _probabilities(ctx, teacher, synthetic_flat, _load_generated(ctx))
+        base = _probabilities(ctx, teacher, episode.base, ctx.dataset.load_tensor,
+                              f / "base_probs.safetensors")
+        syn = _probabilities(ctx, teacher, synthetic_flat, _load_generated(ctx),
+                             f / "synthetic_probs.safetensors")
         check_finite("pseudo-label", label, "teacher probabilities (base)", base)
         check_finite("pseudo-label", label, "teacher probabilities (synthetic)", syn)
         save_tensors(f / "pseudo_labels.safetensors", {"base": base, "synthetic": syn},
@@ -655,29 +657,14 @@ def pseudo_label(ctx: RunContext, episode: EpisodeData, teacher_dir: Path,
     return folder / "pseudo_labels.safetensors"
 
 
-def _probabilities(ctx: RunContext, teacher, items: list[str], load) -> torch.Tensor:
-    """predict_proba in chunks (bounded memory), features cached by item id."""
-    n_way = teacher.num_classes
+def _probabilities(ctx: RunContext, teacher, items: list[str], load, cache: Path) -> torch.Tensor:
+    """The teacher module's cached, chunked labelling (resumes mid-list after a kill)."""
+    from tint.teachers.pseudo_labels import pseudo_label as label_items
+
     if not items:
-        return torch.zeros(0, n_way)
-    chunk = max(ctx.config.teacher.batch_size * 4, 1)
-    out = []
-    for start in tqdm_range(len(items), chunk, "pseudo-label"):
-        ids = items[start:start + chunk]
-        x = None if _is_cached(teacher, ids) else load(ids)
-        out.append(teacher.predict_proba(x, ids=ids).float())
-    return torch.cat(out)
-
-
-def _is_cached(teacher, ids: list[str]) -> bool:
-    check = getattr(teacher, "is_cached", None)
-    return bool(check and check(ids))
-
-
-def tqdm_range(total: int, step: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(range(0, total, step), desc=desc, leave=False, disable=total <= step)
+        return torch.zeros(0, teacher.num_classes)
+    return label_items(teacher, items, cache, load=load,
+                       chunk_size=max(ctx.config.teacher.batch_size * 4, 1), progress=False)
 
 
 def _load_generated(ctx: RunContext) -> Callable[[list[str]], torch.Tensor]:
