@@ -211,7 +211,7 @@ def test_experiment_shares_artifacts_and_reruns_for_free(data_root, tmp_path):
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump({
         "name": "alpha", "out_dir": str(tmp_path / "exp"), "base": "base.yaml",
-        "set": {"distill.iterations": 2},
+        "store": str(tmp_path / "store"), "set": {"distill.iterations": 2},
         "grid": {"alpha": [{"label": "0.5", "set": {"generator.generate.alpha": 0.5}},
                            {"label": "1.0", "set": {"generator.generate.alpha": 1.0}}]},
     }))
@@ -225,9 +225,24 @@ def test_experiment_shares_artifacts_and_reruns_for_free(data_root, tmp_path):
     table = (tmp_path / "exp" / "results.md").read_text()
     assert "| alpha | model | accuracy (95% CI) | episodes |" in table
     assert (tmp_path / "exp" / "results.csv").is_file() and (tmp_path / "exp" / "results.png").is_file()
+    assert "delta vs alpha=0.5 (paired, 95% CI)" in table
+    delta = rows[3]["delta vs alpha=0.5"]["mean"]
+    assert delta == pytest.approx(rows[3]["mean"] - rows[1]["mean"])
     computed.clear()
     again = run_experiment(experiment, hooks={"*": lambda stage, label: computed.append(stage)})
     assert computed == [] and again == rows
+
+    # Another experiment on the same store: alpha left at its default (1.0) is the
+    # "1.0" cell above, so nothing is computed again.
+    (tmp_path / "exp2.yaml").write_text(yaml.safe_dump({
+        "name": "default", "out_dir": str(tmp_path / "exp2"), "base": "base.yaml",
+        "store": str(tmp_path / "store"), "set": {"distill.iterations": 2},
+        "grid": {"alpha": [{"label": "default", "set": {}}]},
+    }))
+    other = run_experiment(load_experiment(tmp_path / "exp2.yaml"),
+                           hooks={"*": lambda stage, label: computed.append(stage)})
+    assert set(computed) <= {"prepare", "evaluate"}, computed  # per-run-dir stages only
+    assert [r["mean"] for r in other] == [r["mean"] for r in rows[2:]]
 
 
 def test_experiment_rejects_a_bad_cell_before_any_work(data_root, tmp_path):

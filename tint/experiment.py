@@ -12,16 +12,20 @@ An experiment config names a base run config and a grid::
         - {label: "1.0", set: {generator.generate.alpha: 1.0}}
     full: {distill.iterations: 10000}  # extra overrides applied with --full (GPU setting)
     fid: false                         # FID of each cell's synthetic images vs real queries
+    store: runs/experiments/store      # optional: an artifact store shared with other experiments
 
 Cells are the cartesian product of the axes. Every cell is one `tint run` (run dir
 ``<out_dir>/cells/<label>_<label>...``) and all cells share one artifact store
-(``<out_dir>/artifacts``). Since every stage's artifact is keyed by exactly what it
+(``<out_dir>/artifacts`` unless `store` names another; stages lock their folder, so
+several experiments may run at once on one store). Since every stage's artifact is keyed by exactly what it
 depends on, cells share whatever they have in common with no bookkeeping here: one
 teacher for all cells with the same teacher, one specialisation for every alpha and
 synthetic count, and a second run of the same grid finds everything done.
 
 Output: ``results.md`` and ``results.csv`` (one row per cell and model: accuracy mean,
-95% CI, episodes [, FID]) and ``results.png``.
+95% CI, episodes [, FID], and for each axis the paired difference to that axis's first
+label with everything else fixed) and ``results.png``. Every cell runs on the same
+episodes, so a paired difference has a much narrower CI than the two accuracies'.
 """
 
 from __future__ import annotations
@@ -63,9 +67,14 @@ class Experiment:
     common: dict = field(default_factory=dict)
     full: dict = field(default_factory=dict)
     fid: bool = False
+    store: Path | None = None  # shared artifact store; None: <out_dir>/artifacts
+
+    @property
+    def store_dir(self) -> Path:
+        return self.store if self.store is not None else self.out_dir / "artifacts"
 
 
-EXPERIMENT_KEYS = {"name", "out_dir", "base", "set", "grid", "full", "fid"}
+EXPERIMENT_KEYS = {"name", "out_dir", "base", "set", "grid", "full", "fid", "store"}
 
 
 def load_experiment(path: str | Path) -> Experiment:
@@ -111,6 +120,7 @@ def load_experiment(path: str | Path) -> Experiment:
         common=_mapping(data.get("set"), f"{path}: set"),
         full=_mapping(data.get("full"), f"{path}: full"),
         fid=fid,
+        store=Path(data["store"]) if data.get("store") else None,
     )
 
 
@@ -169,7 +179,7 @@ def run_experiment(experiment: Experiment, full: bool = False, overrides: list[s
             validate_components(config)
         except TintError as err:
             raise TintError(f"cell {cell.name}: {err}") from err
-    store = experiment.out_dir / "artifacts"
+    store = experiment.store_dir
     rows = []
     for i, (cell, config) in enumerate(zip(grid, configs, strict=True)):
         LOGGER.info("experiment %s: cell %d/%d %s", experiment.name, i + 1, len(grid), cell.name)
@@ -177,10 +187,37 @@ def run_experiment(experiment: Experiment, full: bool = False, overrides: list[s
         fid = _cell_fid(config, results) if experiment.fid else None
         for model in results["models"]:
             stats = results["summary"][model]
+            per_episode = [ep["accuracy"][model] for ep in results["episodes"]]
             rows.append({**cell.labels, "model": model, "mean": stats["mean"], "ci": stats["ci"],
-                         "episodes": stats["n"], **({"fid": fid} if experiment.fid else {})})
+                         "episodes": stats["n"], **({"fid": fid} if experiment.fid else {}),
+                         "per_episode": per_episode})
+    add_paired_differences(experiment, rows)
     write_tables(experiment, rows)
     return rows
+
+
+def delta_column(axis: str, reference: str) -> str:
+    return f"delta vs {axis}={reference}"
+
+
+def add_paired_differences(experiment: Experiment, rows: list[dict]) -> None:
+    """For each axis, each row's paired difference (mean, 95% CI) to the row that differs
+    only in that axis, at the axis's first label. Episodes are paired by position (every
+    cell runs the same episode list); the reference row itself gets no entry."""
+    from tint.evaluation.stats import mean_ci
+
+    axes = list(experiment.axes)
+    for axis in axes:
+        reference = experiment.axes[axis][0][0]
+        index = {tuple(r[a] for a in axes if a != axis) + (r["model"],): r for r in rows
+                 if r[axis] == reference}
+        for row in rows:
+            ref = index.get(tuple(row[a] for a in axes if a != axis) + (row["model"],))
+            if ref is None or row is ref or len(ref["per_episode"]) != len(row["per_episode"]):
+                continue
+            diffs = [a - b for a, b in zip(row["per_episode"], ref["per_episode"], strict=True)]
+            mean, ci = mean_ci(diffs)
+            row[delta_column(axis, reference)] = {"mean": mean, "ci": ci}
 
 
 def _cell_fid(config, results: dict) -> float | None:
@@ -219,11 +256,12 @@ def read_episode(run_dir: Path, index: int) -> dict:
 def write_tables(experiment: Experiment, rows: list[dict]) -> None:
     out = experiment.out_dir
     out.mkdir(parents=True, exist_ok=True)
-    columns = list(rows[0]) if rows else []
     buffer = io.StringIO()
+    flat = [_flat_row(row) for row in rows]
+    columns = list(dict.fromkeys(key for row in flat for key in row))
     writer = csv.DictWriter(buffer, fieldnames=columns)
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows(flat)
     write_text(out / "results.csv", buffer.getvalue())
     write_text(out / "results.md", markdown_table(experiment, rows))
     write_json(out / "results.json", rows)
@@ -231,12 +269,28 @@ def write_tables(experiment: Experiment, rows: list[dict]) -> None:
         _plot(experiment, rows, out / "results.png")
 
 
+def _flat_row(row: dict) -> dict:
+    """A CSV row: deltas as two columns, per-episode accuracies joined by spaces."""
+    flat = {}
+    for key, value in row.items():
+        if key == "per_episode":
+            flat[key] = " ".join(f"{v:.4f}" for v in value)
+        elif isinstance(value, dict):
+            flat[f"{key} mean"], flat[f"{key} ci"] = value["mean"], value["ci"]
+        else:
+            flat[key] = value
+    return flat
+
+
 def markdown_table(experiment: Experiment, rows: list[dict]) -> str:
     from tint.report import format_accuracy
 
     axes = list(experiment.axes)
     has_fid = any("fid" in r for r in rows)
-    head = axes + ["model", "accuracy (95% CI)", "episodes"] + (["FID"] if has_fid else [])
+    deltas = [delta_column(a, experiment.axes[a][0][0]) for a in axes
+              if any(delta_column(a, experiment.axes[a][0][0]) in r for r in rows)]
+    head = (axes + ["model", "accuracy (95% CI)", "episodes"] + (["FID"] if has_fid else [])
+            + [f"{d} (paired, 95% CI)" for d in deltas])
     lines = [f"# {experiment.name}", "", "| " + " | ".join(head) + " |",
              "|" + "---|" * len(head)]
     for row in rows:
@@ -244,8 +298,17 @@ def markdown_table(experiment: Experiment, rows: list[dict]) -> str:
                                                  str(row["episodes"])]
         if has_fid:
             cells_.append("" if row.get("fid") is None else f"{row['fid']:.2f}")
+        for d in deltas:
+            cells_.append(_signed(row[d]) if d in row else "")
         lines.append("| " + " | ".join(cells_) + " |")
     return "\n".join(lines) + "\n"
+
+
+def _signed(delta: dict) -> str:
+    import math
+
+    ci = "" if math.isnan(delta["ci"]) else f" +- {100 * delta['ci']:.1f}"
+    return f"{100 * delta['mean']:+.1f}{ci}"
 
 
 def _plot(experiment: Experiment, rows: list[dict], path: Path) -> None:

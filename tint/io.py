@@ -13,6 +13,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from time import perf_counter
 from typing import Any
 
 import torch
@@ -79,6 +80,37 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
         raw = handle.metadata() or {}
     meta = json.loads(raw["tint"]) if "tint" in raw else None
     return load_file(str(path)), meta
+
+
+@contextmanager
+def folder_lock(folder: str | Path, on_wait: Any = None) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (a ``.lock`` file in it) across processes.
+
+    Two runs that share an artifact store (two `tint experiment` processes) must not
+    compute the same artifact at once: the second waits here, then finds it done. The
+    OS drops the lock when the holder dies, so a killed run never leaves it stuck.
+    `on_wait(seconds)` is called if the lock was busy. Without fcntl (Windows) it is a
+    no-op: one process per store there.
+    """
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - not POSIX
+        yield
+        return
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / ".lock", "a+b") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            start = perf_counter()
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            if on_wait is not None:
+                on_wait(perf_counter() - start)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def set_threads(n: int | None) -> None:

@@ -44,7 +44,7 @@ import torch
 
 from tint.config import RunConfig, StudentConfig, dump_config, load_config, save_resolved
 from tint.errors import TintError
-from tint.io import read_json, set_threads, write_json
+from tint.io import folder_lock, read_json, set_threads, write_json
 
 DONE = "done.json"
 LOGGER = logging.getLogger("tint")
@@ -147,6 +147,21 @@ def run_stage(ctx: RunContext, stage: str, folder: Path, key: Any, label: str,
     Returns the marker: the key, the seconds the work took (kept from the first run
     across resumes) and whatever `work` returned.
     """
+    marker = _finished_marker(ctx, stage, folder, key, label, is_done)
+    if marker is not None:
+        return marker
+    # Another process sharing the store may be computing this very artifact: wait for
+    # it, then look again (it is usually done by then).
+    with folder_lock(folder, on_wait=lambda s: LOGGER.info(
+            "%-12s %s: waited %.0f s for another process", stage, label, s)):
+        marker = _finished_marker(ctx, stage, folder, key, label, is_done)
+        if marker is not None:
+            return marker
+        return _compute_stage(ctx, stage, folder, key, label, work)
+
+
+def _finished_marker(ctx: RunContext, stage: str, folder: Path, key: Any, label: str,
+                     is_done: Callable[[dict], bool] | None) -> dict | None:
     marker_path = folder / DONE
     if marker_path.is_file():
         marker = read_json(marker_path)
@@ -154,7 +169,12 @@ def run_stage(ctx: RunContext, stage: str, folder: Path, key: Any, label: str,
             LOGGER.info("%-12s %s: done, skipped", stage, label)
             ctx.markers[str(marker_path)] = marker
             return marker
-    folder.mkdir(parents=True, exist_ok=True)
+    return None
+
+
+def _compute_stage(ctx: RunContext, stage: str, folder: Path, key: Any, label: str,
+                   work: Callable[[Path], dict | None]) -> dict:
+    marker_path = folder / DONE
     LOGGER.info("%-12s %s: running", stage, label)
     seed_everything(stage_seed(ctx.config.seed, stage, key))
     if "*" in ctx.hooks:  # called for every stage that is computed (not skipped)
@@ -433,7 +453,17 @@ def _write_episode(ctx: RunContext, data: EpisodeData, folder: Path) -> dict:
 def _generator_key(ctx: RunContext) -> dict:
     gen = ctx.config.generator
     return {"name": gen.name, "backbone": gen.backbone, "weights": backbone_fingerprint(gen.backbone),
-            "specialize": gen.specialize, "resolution": ctx.config.data.resolution}
+            "specialize": _resolved_settings(ctx, "SpecializeSettings", gen.specialize),
+            "resolution": ctx.config.data.resolution}
+
+
+def _resolved_settings(ctx: RunContext, cls_name: str, values: dict) -> dict:
+    """Settings with every default filled in: a key must not tell `alpha: 1.0` (the
+    default, written out) from no `alpha` at all, or equal cells would not share."""
+    from tint.generators import create_generator
+
+    settings = _settings(create_generator(ctx.config.generator.name), cls_name, values)
+    return values if settings is None else _jsonable(asdict(settings))
 
 
 def backbone_fingerprint(spec: str) -> str | None:
@@ -453,10 +483,14 @@ def backbone_fingerprint(spec: str) -> str | None:
     return stable_hash(parts)
 
 
-def _uses_synthetic(ctx: RunContext) -> bool:
+def _has_synthetic(ctx: RunContext) -> bool:
     gen = ctx.config.generator
+    return gen.name != "none" and gen.images_per_class > 0
+
+
+def _uses_synthetic(ctx: RunContext) -> bool:
     wanted = any("synthetic" in _student_sources(ctx, s) for s in ctx.config.students)
-    return wanted and gen.name != "none" and gen.images_per_class > 0
+    return wanted and _has_synthetic(ctx)
 
 
 def _backbone(ctx: RunContext, fresh: bool = False):
@@ -503,7 +537,8 @@ def specialize_and_generate(ctx: RunContext, episode: EpisodeData) -> list[list[
         spec_marker = run_stage(ctx, "specialize", spec_dir, spec_key, label, do_specialize)
         artifact = spec_dir / spec_marker["artifact"]
 
-        gen_key = {"specialization": spec_key, "generate": gen_cfg.generate, "seed": gen_cfg.seed}
+        gen_key = {"specialization": spec_key, "seed": gen_cfg.seed,
+                   "generate": _resolved_settings(ctx, "GenerateSettings", gen_cfg.generate)}
         gen_dir = ctx.store / "generate" / stable_hash(gen_key)
 
         def do_generate(folder: Path, name=name, artifact=artifact) -> dict:
@@ -642,8 +677,7 @@ def pseudo_label(ctx: RunContext, episode: EpisodeData, teacher_dir: Path,
 
     def work(f: Path) -> dict:
         teacher = fit_teacher(ctx, episode, teacher_dir)
-        base = _probabilities(ctx, teacher, episode.base, ctx.dataset.load_tensor,
-                              f / "base_probs.safetensors")
+        base = _base_probabilities(ctx, episode, teacher)
         syn = _probabilities(ctx, teacher, synthetic_flat, _load_generated(ctx),
                              f / "synthetic_probs.safetensors")
         check_finite("pseudo-label", label, "teacher probabilities (base)", base)
@@ -655,6 +689,15 @@ def pseudo_label(ctx: RunContext, episode: EpisodeData, teacher_dir: Path,
 
     run_stage(ctx, "pseudo-label", folder, key, label, work)
     return folder / "pseudo_labels.safetensors"
+
+
+def _base_probabilities(ctx: RunContext, episode: EpisodeData, teacher) -> torch.Tensor:
+    """Base-image labels depend on the teacher and the episode only, not on the synthetic
+    set: one file per (teacher, episode) serves every generator of an experiment."""
+    folder = ctx.store / "pseudo-base" / stable_hash({"teacher": _teacher_key(ctx), "episode": episode.key})
+    with folder_lock(folder):
+        return _probabilities(ctx, teacher, episode.base, ctx.dataset.load_tensor,
+                              folder / "base_probs.safetensors")
 
 
 def _probabilities(ctx: RunContext, teacher, items: list[str], load, cache: Path) -> torch.Tensor:
@@ -722,6 +765,8 @@ def _distill_config(ctx: RunContext, student_cfg: StudentConfig):
 
     config = ctx.config.distill
     sources = _student_sources(ctx, student_cfg)
+    if not _has_synthetic(ctx):  # no synthetic images: the same student as `generator: none`
+        sources = tuple(s for s in sources if s != "synthetic")
     return replace(config, sources=sources, seed=stage_seed(config.seed, "distill", student_cfg.name) % (2**31))
 
 
