@@ -525,15 +525,17 @@ def load_backbone(spec: str | Path, **kwargs: Any) -> DiffusionBackbone:
     a tint small generator folder (has
     ``tint_generator.json``), or an SD folder / hub id."""
     text = str(spec)
-    if text == "sd15-random":
-        workdir = kwargs.pop("workdir", None) or tempfile.mkdtemp(prefix="tint_sd15_")
-        return build_random_sd15_backbone(workdir, **kwargs)
-    if text in ("tiny", "tiny-pixel-v"):
-        workdir = kwargs.pop("workdir", None) or tempfile.mkdtemp(prefix="tint_tiny_")
+    if text in ("sd15-random", "tiny", "tiny-pixel-v"):
+        build = build_random_sd15_backbone if text == "sd15-random" else build_tiny_backbone
         if text == "tiny-pixel-v":
             kwargs.setdefault("pixel_space", True)
             kwargs.setdefault("prediction_type", "v_prediction")
-        return build_tiny_backbone(workdir, **kwargs)
+        workdir = kwargs.pop("workdir", None)
+        if workdir is not None:
+            return build(workdir, **kwargs)
+        # The folder only holds the tokenizer files while they are read into memory.
+        with tempfile.TemporaryDirectory(prefix=f"tint_{text}_") as scratch:
+            return build(scratch, **kwargs)
     if text == EMBEDDED_GENERATOR:
         path = EMBEDDED_GENERATOR_DIR
         if not (path / SMALL_GENERATOR_MARKER).is_file():

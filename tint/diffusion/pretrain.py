@@ -618,6 +618,10 @@ def write_provenance(out_dir: Path, export: Path, summary: dict, pool: dict) -> 
             shutil.copyfile(out_dir / name, export / name)
     weights = export / "unet" / "diffusion_pytorch_model.safetensors"
     hours = summary["train_wall_s"] / 3600
+    samples = ("samples (one row per pretraining category): `samples.png`."
+               if (export / "samples.png").is_file() else
+               "no sample grid was made with this export (`--no-grid`); samples and their "
+               "measured quality: docs/results/generator_quality/.")
     text = f"""# Provenance of this generator
 
 - Command: `OMP_NUM_THREADS=1 {training_command(out_dir)}` (then exported with
@@ -635,7 +639,7 @@ def write_provenance(out_dir: Path, export: Path, summary: dict, pool: dict) -> 
   cosine schedule rescaled to zero terminal SNR, trailing DDIM spacing. EMA weights
   (decay {summary['config']['ema_decay']}), stored as float16 (`{weights.name}`,
   {weights.stat().st_size / 1e6:.1f} MB); loading upcasts to float32.
-- Loss curve: `loss_curve.png`; samples (one row per pretraining category, CFG 4): `samples.png`.
+- Loss curve: `loss_curve.png`; {samples}
 - The learning rate decays with max(step, wall-clock) progress, so a re-run on another machine
   is not bit-identical; see docs/generator.md for how to re-create it.
 """
