@@ -104,3 +104,26 @@ def test_no_synthetic_images_means_the_no_synthetic_student(tmp_path):
     assert sources(name="tint", images_per_class=0) == ("base", "support")
     assert sources(name="none") == ("base", "support")
     assert sources(name="tint", images_per_class=10) == ("base", "synthetic", "support")
+
+
+def test_tables_and_plots_are_written_for_numeric_and_categorical_axes(tmp_path):
+    from PIL import Image
+
+    from tint.experiment import write_tables
+
+    categorical = _experiment()
+    categorical.out_dir = tmp_path / "t2"
+    rows = _rows()
+    add_paired_differences(categorical, rows)
+    write_tables(categorical, rows)
+    csv_text = (tmp_path / "t2" / "results.csv").read_text()
+    assert "delta vs synthetic=none mean" in csv_text.splitlines()[0]
+    assert "0.5500 0.7000 0.4200" in csv_text  # per-episode accuracies kept
+    numeric = Experiment(name="alpha", out_dir=tmp_path / "alpha", base={},
+                         axes={"alpha": [("0.5", {}), ("1.0", {})]})
+    rows = [{"alpha": a, "model": "student", "mean": m, "ci": 0.05, "episodes": 3,
+             "fid": f, "per_episode": [m, m, m]} for a, m, f in (("0.5", 0.5, 3.0), ("1.0", 0.4, 5.0))]
+    write_tables(numeric, rows)
+    for folder in ("t2", "alpha"):
+        with Image.open(tmp_path / folder / "results.png") as image:
+            assert image.size[0] > 300 and image.size[1] > 100

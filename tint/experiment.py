@@ -311,15 +311,63 @@ def _signed(delta: dict) -> str:
     return f"{100 * delta['mean']:+.1f}{ci}"
 
 
-def _plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
-    import math
+def _numeric_axis(experiment: Experiment) -> str | None:
+    """The grid's only axis when every label is a number (alpha, counts): a line plot."""
+    if len(experiment.axes) != 1:
+        return None
+    axis, values = next(iter(experiment.axes.items()))
+    try:
+        [float(label) for label, _ in values]
+    except ValueError:
+        return None
+    return axis
 
+
+def _plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from tint.io import atomic_path
+
+    axis = _numeric_axis(experiment)
+    fig = _line_plot(experiment, rows, axis, plt) if axis else _bar_plot(experiment, rows, plt)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _line_plot(experiment: Experiment, rows: list[dict], axis: str, plt):
+    """Accuracy (mean and 95% CI band) per model against the axis; FID on a second y axis."""
+    import math
+
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mine = sorted((r for r in rows if r["model"] == model), key=lambda r: float(r[axis]))
+        x = [float(r[axis]) for r in mine]
+        mean = [100 * r["mean"] for r in mine]
+        ci = [0.0 if math.isnan(r["ci"]) else 100 * r["ci"] for r in mine]
+        ax.plot(x, mean, marker="o", label=model)
+        ax.fill_between(x, [m - c for m, c in zip(mean, ci, strict=True)],
+                        [m + c for m, c in zip(mean, ci, strict=True)], alpha=0.15)
+    ax.set_xlabel(axis)
+    ax.set_ylabel("query accuracy (%), mean and 95% CI")
+    ax.set_title(experiment.name)
+    fid = {float(r[axis]): r["fid"] for r in rows if r.get("fid") is not None}
+    if fid:
+        ax2 = ax.twinx()
+        xs = sorted(fid)
+        ax2.plot(xs, [fid[x] for x in xs], color="grey", linestyle="--", marker="s", label="FID")
+        ax2.set_ylabel("FID (64-dim features), lower = closer to real")
+        ax2.legend(loc="upper right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
+    return fig
+
+
+def _bar_plot(experiment: Experiment, rows: list[dict], plt):
+    import math
 
     labels = [" / ".join([*(str(r[a]) for a in experiment.axes), r["model"]]) for r in rows]
     means = [100 * r["mean"] for r in rows]
@@ -330,10 +378,7 @@ def _plot(experiment: Experiment, rows: list[dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("query accuracy (%), mean and 95% CI over episodes")
     ax.set_title(experiment.name)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
-    plt.close(fig)
+    return fig
 
 
 # ----------------------------------------------------------------------------- CLI
