@@ -259,3 +259,24 @@ def test_experiment_rejects_a_bad_cell_before_any_work(data_root, tmp_path):
     with pytest.raises(TintError, match="cell bad: distill.lr: expected float, got 'abc'"):
         run_experiment(load_experiment(tmp_path / "exp.yaml"))
     assert not (tmp_path / "exp" / "cells").exists()
+
+
+def test_capped_real_mining_uses_what_the_pool_has(data_root, tmp_path):
+    """Mining may find fewer images than asked for: the run goes on with them, scores the
+    pool once for all classes, and a rerun does not try to mine again."""
+    pool = data_root  # the tiny dataset's folders stand in for an unlabelled pool
+    config = tiny_config(data_root, tmp_path / "run", **{
+        "generator.name": "real-mining", "generator.images_per_class": 4,
+        "generator.specialize": {"feature_backbone": "tiny-vit"},
+        "generator.generate": {"pool": str(pool), "threshold": -1.0, "max_per_class": 2,
+                               "progress": False},
+        "data.n_episodes": 1, "distill.iterations": 2, "export": {"enabled": False},
+        "report": {"enabled": False}})
+    computed: list[str] = []
+    results = run_pipeline(config_from_dict(config), hooks={"*": lambda s, label: computed.append(s)})
+    synthetic = results["episodes"][0]["_synthetic"]
+    assert [len(paths) for paths in synthetic] == [2, 2, 2]
+    assert len(list((tmp_path / "run" / "artifacts" / "pool-features").glob("*.safetensors"))) == 1
+    computed.clear()
+    run_pipeline(config_from_dict(config), hooks={"*": lambda s, label: computed.append(s)})
+    assert "generate" not in computed

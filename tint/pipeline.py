@@ -34,7 +34,7 @@ import random
 import re
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -521,6 +521,10 @@ def specialize_and_generate(ctx: RunContext, episode: EpisodeData) -> list[list[
     generator = create_generator(gen_cfg.name)
     spec_settings = _settings(generator, "SpecializeSettings", gen_cfg.specialize)
     gen_settings = _settings(generator, "GenerateSettings", gen_cfg.generate)
+    if getattr(gen_settings, "cache_dir", "unset") is None:
+        # One feature cache per store (keyed inside by pool, scorer and resolution), not
+        # one per class folder: mining 5 classes scores the pool once. Not part of the key.
+        gen_settings = replace(gen_settings, cache_dir=str(ctx.store / "pool-features"))
     wanted = gen_cfg.images_per_class
     synthetic: list[list[str]] = []
     for c, name in enumerate(episode.classes):
@@ -541,16 +545,25 @@ def specialize_and_generate(ctx: RunContext, episode: EpisodeData) -> list[list[
                    "generate": _resolved_settings(ctx, "GenerateSettings", gen_cfg.generate)}
         gen_dir = ctx.store / "generate" / stable_hash(gen_key)
 
-        def do_generate(folder: Path, name=name, artifact=artifact) -> dict:
-            generator.generate(_backbone(ctx), artifact, wanted, folder, gen_cfg.seed, gen_settings)
-            return {"n_images": wanted, "class": name}
+        def do_generate(folder: Path, name=name, artifact=artifact, label=label) -> dict:
+            made = len(generator.generate(_backbone(ctx), artifact, wanted, folder, gen_cfg.seed,
+                                          gen_settings))
+            if made < wanted and not getattr(generator, "MAY_RETURN_FEWER", False):
+                raise TintError(f"stage generate ({label}): {gen_cfg.name} made {made} of {wanted} "
+                                f"images in {folder}")
+            # exhausted: a capped source (real-data mining) has no more for this key
+            return {"n_images": made, "class": name, "exhausted": made < wanted}
 
-        run_stage(ctx, "generate", gen_dir, gen_key, label, do_generate,
-                  is_done=lambda m, n=wanted: m.get("n_images", 0) >= n)
-        paths = manifest_paths(gen_dir, name, wanted)
-        if len(paths) < wanted:
-            raise TintError(f"stage generate ({label}): {gen_dir} holds {len(paths)} of {wanted} images; "
+        marker = run_stage(ctx, "generate", gen_dir, gen_key, label, do_generate,
+                           is_done=lambda m, n=wanted: m.get("n_images", 0) >= n or m.get("exhausted", False))
+        available = min(wanted, int(marker["n_images"]))
+        paths = manifest_paths(gen_dir, name, available)
+        if len(paths) < available:
+            raise TintError(f"stage generate ({label}): {gen_dir} holds {len(paths)} of {available} images; "
                             f"delete {gen_dir / DONE} and run again")
+        if available < wanted:
+            LOGGER.info("%-12s %s: %s has %d of the %d images asked for", "generate", label,
+                        gen_cfg.name, available, wanted)
         synthetic.append([str(p) for p in paths])
     return synthetic
 
@@ -761,7 +774,6 @@ def _student_sources(ctx: RunContext, student_cfg: StudentConfig) -> tuple[str, 
 
 
 def _distill_config(ctx: RunContext, student_cfg: StudentConfig):
-    from dataclasses import replace
 
     config = ctx.config.distill
     sources = _student_sources(ctx, student_cfg)

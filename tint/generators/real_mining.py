@@ -54,6 +54,9 @@ from tint.io import load_tensors, save_tensors
 log = logging.getLogger(__name__)
 
 NAME = "real-mining"
+# Mining keeps only pool images above the similarity threshold: a class may get fewer than
+# asked for, and the pipeline uses what there is instead of failing.
+MAY_RETURN_FEWER = True
 REQUIRED_TENSORS = ("query",)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
