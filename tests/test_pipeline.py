@@ -236,13 +236,14 @@ def test_experiment_shares_artifacts_and_reruns_for_free(data_root, tmp_path):
     # "1.0" cell above, so nothing is computed again.
     (tmp_path / "exp2.yaml").write_text(yaml.safe_dump({
         "name": "default", "out_dir": str(tmp_path / "exp2"), "base": "base.yaml",
-        "store": str(tmp_path / "store"), "set": {"distill.iterations": 2},
+        "store": str(tmp_path / "store"), "set": {"distill.iterations": 2}, "fid": True,
         "grid": {"alpha": [{"label": "default", "set": {}}]},
     }))
     other = run_experiment(load_experiment(tmp_path / "exp2.yaml"),
                            hooks={"*": lambda stage, label: computed.append(stage)})
     assert set(computed) <= {"prepare", "evaluate"}, computed  # per-run-dir stages only
     assert [r["mean"] for r in other] == [r["mean"] for r in rows[2:]]
+    assert other[0]["fid"] > 0 and len(list((tmp_path / "store" / "fid").glob("*.json"))) == 2 * 3
 
 
 def test_experiment_rejects_a_bad_cell_before_any_work(data_root, tmp_path):

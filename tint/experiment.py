@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import itertools
 import logging
@@ -184,7 +185,7 @@ def run_experiment(experiment: Experiment, full: bool = False, overrides: list[s
     for i, (cell, config) in enumerate(zip(grid, configs, strict=True)):
         LOGGER.info("experiment %s: cell %d/%d %s", experiment.name, i + 1, len(grid), cell.name)
         results = run_pipeline(config, store=store, hooks=hooks)
-        fid = _cell_fid(config, results) if experiment.fid else None
+        fid = _cell_fid(config, results, store) if experiment.fid else None
         for model in results["models"]:
             stats = results["summary"][model]
             per_episode = [ep["accuracy"][model] for ep in results["episodes"]]
@@ -220,28 +221,77 @@ def add_paired_differences(experiment: Experiment, rows: list[dict]) -> None:
             row[delta_column(axis, reference)] = {"mean": mean, "ci": ci}
 
 
-def _cell_fid(config, results: dict) -> float | None:
+FID_FEATURES = "efficientnet-lite0-64"
+
+
+def _cell_fid(config, results: dict, store: Path) -> float | None:
     """FID between the cell's synthetic images and the real query images, averaged over
-    the episodes' classes (the offline feature substitute unless Inception is given)."""
+    the episodes' classes (the offline feature substitute unless Inception is given).
+    Each class's value is cached in the store, keyed by both image lists, so cells and
+    experiments that share images compute it once."""
     import math
 
-    from tint.data.datasets import load_dataset
-    from tint.evaluation.fid import create_extractor, fid_between
+    from tint.pipeline import stable_hash
 
     generated = [ep["_synthetic"] for ep in results["episodes"] if ep.get("_synthetic")]
     if not generated or not any(any(c) for c in generated[0]):
         return None
-    dataset = load_dataset(config.data.dataset, resolution=config.data.resolution)
-    extractor = create_extractor("efficientnet-lite0-64")
     values = []
     for ep in results["episodes"]:
         episode = read_episode(Path(config.run_dir), ep["index"])
         for c, paths in enumerate(ep["_synthetic"]):
-            real = dataset.load_tensor(episode["query"][c])
-            if len(paths) >= 2 and len(real) >= 2:
-                values.append(fid_between(list(paths), real, extractor))
+            real = list(episode["query"][c])
+            if len(paths) < 2 or len(real) < 2:
+                continue
+            key = {"features": FID_FEATURES, "dataset": config.data.dataset,
+                   "resolution": config.data.resolution, "real": real,
+                   "generated": [_store_relative(p, store) for p in paths]}
+            value = _cached_value(store / "fid" / f"{stable_hash(key, 16)}.json", key,
+                                  lambda paths=paths, real=real: _class_fid(config, paths, real))
+            values.append(value)
     values = [v for v in values if math.isfinite(v)]
     return sum(values) / len(values) if values else None
+
+
+def _store_relative(path: str, store: Path) -> str:
+    try:
+        return str(Path(path).relative_to(store))
+    except ValueError:
+        return str(path)
+
+
+def _cached_value(path: Path, key: dict, compute) -> float:
+    from tint.io import read_json
+
+    if path.is_file():
+        cached = read_json(path)
+        if cached.get("key") == key:
+            return float(cached["value"])
+    value = float(compute())
+    write_json(path, {"key": key, "value": value})
+    return value
+
+
+def _class_fid(config, generated: list[str], real_items: list[str]) -> float:
+    from tint.evaluation.fid import fid_between
+
+    real = _dataset(config.data.dataset, config.data.resolution).load_tensor(real_items)
+    return fid_between(list(generated), real, _extractor(FID_FEATURES))
+
+
+@functools.cache
+def _dataset(spec: str, resolution: int):
+    from tint.data.datasets import load_dataset
+
+    return load_dataset(spec, resolution=resolution)
+
+
+@functools.cache
+def _extractor(name: str):
+    """The FID feature network, loaded once per process."""
+    from tint.evaluation.fid import create_extractor
+
+    return create_extractor(name)
 
 
 def read_episode(run_dir: Path, index: int) -> dict:
