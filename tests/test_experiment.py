@@ -142,3 +142,19 @@ def test_cached_values_are_computed_once_per_key(tmp_path):
     assert _cached_value(path, {"a": 1}, compute) == 3.5
     assert _cached_value(path, {"a": 1}, compute) == 3.5 and len(calls) == 1
     assert _cached_value(path, {"a": 2}, compute) == 3.5 and len(calls) == 2  # other key
+
+
+def test_tables_only_redraws_from_results_json(tmp_path):
+    from tint.errors import TintError
+    from tint.experiment import redraw_tables, write_tables
+
+    experiment = _experiment()
+    experiment.out_dir = tmp_path / "t2"
+    with pytest.raises(TintError, match="no results yet"):
+        redraw_tables(experiment)
+    rows = _rows()
+    add_paired_differences(experiment, rows)
+    write_tables(experiment, rows)
+    (tmp_path / "t2" / "results.md").unlink()
+    again = redraw_tables(experiment)
+    assert again == rows and (tmp_path / "t2" / "results.md").is_file()

@@ -303,6 +303,19 @@ def read_episode(run_dir: Path, index: int) -> dict:
 # ----------------------------------------------------------------------------- output
 
 
+def redraw_tables(experiment: Experiment) -> list[dict]:
+    """Tables and plot again from results.json (e.g. after a tint upgrade), no cell run."""
+    from tint.io import read_json
+
+    path = experiment.out_dir / "results.json"
+    if not path.is_file():
+        raise TintError(f"{path}: no results yet; run `tint experiment` without --tables-only first")
+    rows = [{k: v for k, v in row.items() if not k.startswith("delta vs ")} for row in read_json(path)]
+    add_paired_differences(experiment, rows)
+    write_tables(experiment, rows)
+    return rows
+
+
 def write_tables(experiment: Experiment, rows: list[dict]) -> None:
     out = experiment.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -442,6 +455,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a run-config value in every cell (repeatable)")
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="redraw results.md/.csv/.png from the last run's results.json, run nothing")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -458,7 +473,10 @@ def run(args: argparse.Namespace) -> int:
                 raise TintError(f"cell {cell.name}: {err}") from err
             print(f"{cell.name}: {' '.join(cell.overrides)}")
         return 0
-    rows = run_experiment(experiment, args.full, args.overrides)
+    if args.tables_only:
+        rows = redraw_tables(experiment)
+    else:
+        rows = run_experiment(experiment, args.full, args.overrides)
     print(markdown_table(experiment, rows), end="")
     print(f"tables: {experiment.out_dir / 'results.md'}, {experiment.out_dir / 'results.csv'}")
     return 0
