@@ -156,10 +156,8 @@ def _fixed_loss(unet, images: np.ndarray, text: torch.Tensor) -> float:
         return float(pretrain.diffusion_loss(unet, alphas, x0, text, torch.Generator().manual_seed(5)))
 
 
-def test_training_steps_lower_the_loss(tmp_path: Path, tiny_text, monkeypatch) -> None:
-    monkeypatch.setattr(pretrain.sg, "build_unet", _tiny_unet_for(tiny_text))
-    images, labels = _fake_pool()
-    table, empty = _text_tables(tiny_text, 3)
+def test_training_steps_lower_the_loss(tmp_path: Path, tiny_pool) -> None:
+    images, labels, table, empty = tiny_pool
     cfg = _tiny_config()
     before_unet = pretrain.sg.build_unet("tiny", 16)
     text = table[torch.from_numpy(labels)]
@@ -169,6 +167,16 @@ def test_training_steps_lower_the_loss(tmp_path: Path, tiny_text, monkeypatch) -
     assert state.step == 40
     assert _fixed_loss(unet, images, text) < 0.7 * before
     assert (tmp_path / pretrain.CHECKPOINT).is_file()
+
+
+@pytest.fixture()
+def tiny_pool(tiny_text, monkeypatch):
+    """(images, labels, caption table, empty caption) of a fake pool, with build_unet
+    patched to the tiny text encoder's width: what each training test starts from."""
+    monkeypatch.setattr(pretrain.sg, "build_unet", _tiny_unet_for(tiny_text))
+    images, labels = _fake_pool()
+    table, empty = _text_tables(tiny_text, 3)
+    return images, labels, table, empty
 
 
 def _tiny_unet_for(tiny_text):
@@ -182,10 +190,8 @@ def _tiny_unet_for(tiny_text):
     return build
 
 
-def test_checkpoint_round_trips_bit_exactly_and_resumes(tmp_path: Path, tiny_text, monkeypatch) -> None:
-    monkeypatch.setattr(pretrain.sg, "build_unet", _tiny_unet_for(tiny_text))
-    images, labels = _fake_pool()
-    table, empty = _text_tables(tiny_text, 3)
+def test_checkpoint_round_trips_bit_exactly_and_resumes(tmp_path: Path, tiny_pool) -> None:
+    images, labels, table, empty = tiny_pool
     cfg = _tiny_config(steps=10)
     unet, ema, optimizer_state = pretrain.train(tmp_path / "a", cfg, images, labels, table, empty,
                                                 max_steps=3, progress=False)
@@ -217,10 +223,8 @@ def test_checkpoint_round_trips_bit_exactly_and_resumes(tmp_path: Path, tiny_tex
         assert torch.equal(loaded16.state_dict()[k], v.half().float())
 
 
-def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_text, monkeypatch) -> None:
-    monkeypatch.setattr(pretrain.sg, "build_unet", _tiny_unet_for(tiny_text))
-    images, labels = _fake_pool()
-    table, empty = _text_tables(tiny_text, 3)
+def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_pool) -> None:
+    images, labels, table, empty = tiny_pool
     cfg = _tiny_config(steps=10)
     straight, _, _ = pretrain.train(tmp_path / "s", cfg, images, labels, table, empty,
                                     max_steps=4, progress=False)
@@ -231,10 +235,8 @@ def test_resume_equals_uninterrupted_training(tmp_path: Path, tiny_text, monkeyp
         assert torch.allclose(a, b, atol=1e-6), k
 
 
-def test_warm_start_continues_from_an_exported_generator(tmp_path: Path, tiny_text, monkeypatch) -> None:
-    monkeypatch.setattr(pretrain.sg, "build_unet", _tiny_unet_for(tiny_text))
-    images, labels = _fake_pool()
-    table, empty = _text_tables(tiny_text, 3)
+def test_warm_start_continues_from_an_exported_generator(tmp_path: Path, tiny_pool) -> None:
+    images, labels, table, empty = tiny_pool
     cfg = _tiny_config(steps=10)
     _, ema, _ = pretrain.train(tmp_path / "a", cfg, images, labels, table, empty,
                                max_steps=3, progress=False)

@@ -350,8 +350,8 @@ def markdown_table(experiment: Experiment, rows: list[dict]) -> str:
 
     axes = list(experiment.axes)
     has_fid = any("fid" in r for r in rows)
-    deltas = [delta_column(a, experiment.axes[a][0][0]) for a in axes
-              if any(delta_column(a, experiment.axes[a][0][0]) in r for r in rows)]
+    deltas = [d for d in (delta_column(a, experiment.axes[a][0][0]) for a in axes)
+              if any(d in r for r in rows)]
     head = (axes + ["model", "accuracy (95% CI)", "episodes"] + (["FID"] if has_fid else [])
             + [f"{d} (paired, 95% CI)" for d in deltas])
     lines = [f"# {experiment.name}", "", "| " + " | ".join(head) + " |",

@@ -450,19 +450,16 @@ def _write_episode(ctx: RunContext, data: EpisodeData, folder: Path) -> dict:
 # ----------------------------------------------------------------------------- generator
 
 
-def _generator_key(ctx: RunContext) -> dict:
+def _generator_key(ctx: RunContext, spec_settings: Any) -> dict:
     gen = ctx.config.generator
     return {"name": gen.name, "backbone": gen.backbone, "weights": backbone_fingerprint(gen.backbone),
-            "specialize": _resolved_settings(ctx, "SpecializeSettings", gen.specialize),
+            "specialize": _settings_key(spec_settings, gen.specialize),
             "resolution": ctx.config.data.resolution}
 
 
-def _resolved_settings(ctx: RunContext, cls_name: str, values: dict) -> dict:
+def _settings_key(settings: Any, values: dict) -> dict:
     """Settings with every default filled in: a key must not tell `alpha: 1.0` (the
     default, written out) from no `alpha` at all, or equal cells would not share."""
-    from tint.generators import create_generator
-
-    settings = _settings(create_generator(ctx.config.generator.name), cls_name, values)
     return values if settings is None else _jsonable(asdict(settings))
 
 
@@ -521,6 +518,8 @@ def specialize_and_generate(ctx: RunContext, episode: EpisodeData) -> list[list[
     generator = create_generator(gen_cfg.name)
     spec_settings = _settings(generator, "SpecializeSettings", gen_cfg.specialize)
     gen_settings = _settings(generator, "GenerateSettings", gen_cfg.generate)
+    generate_key = _settings_key(gen_settings, gen_cfg.generate)  # before the cache folder below
+    generator_key = _generator_key(ctx, spec_settings)
     if getattr(gen_settings, "cache_dir", "unset") is None:
         # One feature cache per store (keyed inside by pool, scorer and resolution), not
         # one per class folder: mining 5 classes scores the pool once. Not part of the key.
@@ -529,7 +528,7 @@ def specialize_and_generate(ctx: RunContext, episode: EpisodeData) -> list[list[
     synthetic: list[list[str]] = []
     for c, name in enumerate(episode.classes):
         label = f"{episode.label}/c{c:02d}"
-        spec_key = {**_generator_key(ctx), "class": name, "support": episode.support[c],
+        spec_key = {**generator_key, "class": name, "support": episode.support[c],
                     "dataset": ctx.config.data.dataset}
         spec_dir = ctx.store / "specialize" / stable_hash(spec_key)
 
@@ -541,8 +540,7 @@ def specialize_and_generate(ctx: RunContext, episode: EpisodeData) -> list[list[
         spec_marker = run_stage(ctx, "specialize", spec_dir, spec_key, label, do_specialize)
         artifact = spec_dir / spec_marker["artifact"]
 
-        gen_key = {"specialization": spec_key, "seed": gen_cfg.seed,
-                   "generate": _resolved_settings(ctx, "GenerateSettings", gen_cfg.generate)}
+        gen_key = {"specialization": spec_key, "seed": gen_cfg.seed, "generate": generate_key}
         gen_dir = ctx.store / "generate" / stable_hash(gen_key)
 
         def do_generate(folder: Path, name=name, artifact=artifact, label=label) -> dict:
@@ -774,7 +772,6 @@ def _student_sources(ctx: RunContext, student_cfg: StudentConfig) -> tuple[str, 
 
 
 def _distill_config(ctx: RunContext, student_cfg: StudentConfig):
-
     config = ctx.config.distill
     sources = _student_sources(ctx, student_cfg)
     if not _has_synthetic(ctx):  # no synthetic images: the same student as `generator: none`
