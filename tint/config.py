@@ -117,6 +117,23 @@ class ExportConfig:
 
 
 @dataclass
+class ExecutorConfig:
+    """Where units of work run (`--executor`); execution only, never part of an artifact key."""
+
+    name: Literal["local", "ray"] = "local"
+    address: str | None = None  # Ray cluster address (None: RAY_ADDRESS, else a local cluster)
+    max_in_flight: int = 64  # units submitted at once
+    max_retries: int = 3  # retries of a unit whose worker or node died (not of a failing unit)
+    keep_going: bool = False  # after a unit fails, finish the units that do not depend on it
+    # GPUs per unit by stage (Ray); 0 runs the stage on a CPU worker.
+    gpus: dict[str, float] = field(default_factory=lambda: {
+        "specialize": 1.0, "generate": 1.0, "teacher": 1.0, "pseudo-label": 1.0, "distill": 0.0,
+        "evaluate": 0.0, "export": 0.0})
+    cpus: float = 1.0  # CPUs per unit
+    threads: int = 1  # torch threads inside each worker
+
+
+@dataclass
 class ReportConfig:
     enabled: bool = True
     grid_images: int = 8  # generated images shown per class
@@ -139,6 +156,9 @@ class RunConfig:
     run_dir: str = "runs/demo"
     seed: int = 0
     threads: int | None = None  # torch intra-op threads (None: torch's default)
+    # Execution only (never in an artifact key): "auto" = CUDA when available, else CPU.
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # docs/diffusion.md, "Precision"
     data: DataConfig = field(default_factory=DataConfig)
     generator: GeneratorConfig = field(default_factory=GeneratorConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
@@ -147,6 +167,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
 
 # ----------------------------------------------------------------------------- typing
