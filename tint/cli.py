@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiment": ("tint.experiment", "run a grid of methods over fixed episodes and tabulate results"),
     "fid": ("tint.evaluation.fid_cli", "FID on 64-dim features between two image sets"),
     "export": ("tint.export", "export a trained student to TorchScript and ONNX"),
+    "fit": ("tint.fitting", "train a tiny classifier from a folder of labelled images (DIR/<class>/<images>)"),
+    "predict": ("tint.predict", "label images with a model folder from `tint fit` (onnxruntime, no torch)"),
 }
 
 
