@@ -92,14 +92,16 @@ def test_no_synthetic_images_means_the_no_synthetic_student(tmp_path):
     """A count of 0 with `synthetic` in the sources is the `generator: none` student, so
     a count sweep's 0 shares its distillation with the none cell of another table."""
     from tint.config import config_from_dict
-    from tint.pipeline import RunContext, _distill_config
+    from tint.pipeline import EpisodeData, RunContext, distill_config
+
+    episode = EpisodeData(0, tmp_path, ["a"], [["a/1"]], [["a/2"]], [], {"e": 0})
 
     def sources(**generator) -> tuple[str, ...]:
         config = config_from_dict({"name": "x", "run_dir": str(tmp_path), "generator": generator,
                                    "students": [{"name": "s", "arch": "conv4",
                                                  "sources": ["base", "synthetic", "support"]}]})
         ctx = RunContext(config, tmp_path, tmp_path / "store")
-        return _distill_config(ctx, config.students[0]).sources
+        return distill_config(ctx, episode, config.students[0]).sources
 
     assert sources(name="tint", images_per_class=0) == ("base", "support")
     assert sources(name="none") == ("base", "support")

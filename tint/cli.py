@@ -8,10 +8,14 @@ Each sub-command lives in the module that owns its stage and exposes two functio
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
+import os
 import sys
 
 from tint.errors import TintError
+
+INTERRUPTED = 130  # the shell's status for a process stopped by Ctrl-C (128 + SIGINT)
 
 # name -> (module, one-line help). Keep in pipeline order.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -20,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pretrain-generator": ("tint.diffusion.pretrain", "pretrain tint's own small text-to-image generator"),
     "specialize": ("tint.generators.cli", "specialise a generator to the support images (TI + NTI)"),
     "generate": ("tint.generators.cli_generate", "generate synthetic images from a specialisation artifact"),
-    "run": ("tint.pipeline", "run every stage of a config (default: the embedded demo), resumable"),
+    "run": ("tint.run_cli", "run every stage of a config (default: the embedded demo), resumable"),
     "experiment": ("tint.experiment", "run a grid of methods over fixed episodes and tabulate results"),
     "fid": ("tint.evaluation.fid_cli", "FID on 64-dim features between two image sets"),
     "export": ("tint.export", "export a trained student to TorchScript and ONNX"),
@@ -62,8 +66,43 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(module.run(args) or 0)
     except TintError as err:
-        print(f"tint {name}: error: {err}", file=sys.stderr)
-        return 2
+        return _fail(name, str(err))
+    except KeyboardInterrupt:
+        print(f"tint {name}: interrupted; finished work is kept: run the same command again "
+              "to resume", file=sys.stderr)
+        return INTERRUPTED
+    except OSError as err:
+        if os.environ.get("TINT_DEBUG"):
+            raise
+        return _fail(name, os_error_message(err))
+
+
+def _fail(name: str, message: str) -> int:
+    """One line on stderr, exit status 2: the user can act on it, a traceback would not help."""
+    print(f"tint {name}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
+
+
+def os_error_message(err: OSError) -> str:
+    """An operating-system error as one line: the path, what happened, what to do."""
+    paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
+    where = " -> ".join(paths) if paths else "a file"
+    reason = err.strerror or str(err) or type(err).__name__
+    advice = _OS_ADVICE.get(err.errno or 0, "check the path and run the same command again")
+    return f"{where}: {reason}; {advice}"
+
+
+_OS_ADVICE = {
+    errno.ENOSPC: "free disk space (or use another --run-dir/--out) and run the same command "
+                  "again to resume",
+    errno.EDQUOT: "free space within your disk quota and run the same command again to resume",
+    errno.EROFS: "that file system is read-only: write to a writable folder (--run-dir/--out)",
+    errno.EACCES: "permission denied: fix the permissions or write to a folder you own",
+    errno.EPERM: "operation not permitted: fix the permissions or write to a folder you own",
+    errno.EISDIR: "that is a folder: give a file",
+    errno.ENOTDIR: "a part of that path is a file, not a folder: fix the path",
+    errno.ENOENT: "no such file or folder: check the path",
+}
 
 
 if __name__ == "__main__":

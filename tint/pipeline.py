@@ -1,230 +1,68 @@
-"""`tint run [CONFIG]`: every stage of the method for one or many episodes, resumable.
+"""`tint run`: every stage of the method for one or many episodes, as units of work.
 
-Data flow per episode (docs/pipeline.md has the run-directory layout)::
+`run_pipeline` reads from the top as the method's steps::
 
-    prepare      support / query / base item lists, support PNGs     episodes/epNNN/
-    specialise   one artifact per class (TI + NTI for "tint")         artifacts/specialize/
-    generate     synthetic images + manifest per class                artifacts/generate/
-    teacher      meta-trained once per run (cached), fit per episode  artifacts/teacher/
-    pseudo-label soft teacher labels for base + synthetic images      artifacts/pseudo/
-    distill      one student per `students:` entry, checkpointed      artifacts/distill/
-    evaluate     teacher and student accuracy on the queries          episodes/epNNN/
-    export       TorchScript + ONNX of each student                   export/
-    report       report.html + PNGs, results.json, per-model results  run dir
+    1. resolve the context (device, store, log) and claim the run dir
+    2. prepare       episodes, base pool, support PNGs              episodes/epNNN/
+    3. plan_units    the unit graph below, as data
+    4. execute       each unit through the engine (local order, or a Ray cluster)
+    5. report        results.json, per-model results, report.html
 
-Every stage is a function of (settings, input artifacts). Keyed stages live under
-``artifacts/<stage>/<hash of everything they depend on>/``, so a changed setting never
-reuses a stale artifact and `tint experiment` can share one artifact store between many
-runs (one specialisation serves every generation setting). A stage is complete when its
-``done.json`` marker exists; the marker is written atomically after the stage's own
-outputs, so a run killed anywhere redoes at most the stage it was in, and the
-sub-stages that checkpoint themselves (generation per image, distillation per
-checkpoint) not even that. Each stage is seeded from (run seed, stage, key) before it
-starts, so skipping finished stages on a resume cannot change the random numbers the
-remaining ones draw: a resumed run ends with the same result as an uninterrupted one.
+One function per unit of work, named after its stage (docs/pipeline.md has the table
+stage -> function -> artifact -> key)::
+
+    teacher()                 meta-train once per run                 artifacts/teacher/
+    specialize(episode, c)    TI (+ NTI for "tint") per class          artifacts/specialize/
+    generate(episode, c)      synthetic images, Eq. 3-4 (Alg. 2)       artifacts/generate/
+    label_base(episode)       teacher probabilities of base images    artifacts/pseudo-base/
+    pseudo_label(episode)     ... and of the synthetic images         artifacts/pseudo/
+    distill(episode, s, r)    student s (repeat r), CE + KL           artifacts/distill/
+    evaluate(episode)         teacher and students on the queries     episodes/epNNN/evaluate/
+    export(episode, s)        TorchScript + ONNX                      export/epNNN/<student>/
+
+Each unit takes resolved inputs, computes its key, runs through the stage engine
+(tint.engine: verified markers, locks, per-stage seeds) and returns its marker. A unit
+finds its inputs by calling the units it needs, which are skipped when finished: any
+process can run any unit once its needs are done, which is what lets a cluster
+(tint.executors) or `tint fit` schedule them.
 """
 
 from __future__ import annotations
 
-import argparse
-import hashlib
-import json
 import logging
 import random
-import re
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
-from tint.config import RunConfig, StudentConfig, dump_config, load_config, save_resolved
+from tint.config import RunConfig, StudentConfig, dump_config, save_resolved
+from tint.engine import (
+    DONE,
+    NonFiniteError,
+    check_finite,
+    jsonable,
+    run_stage,
+    seed_everything,
+    stable_hash,
+    stage_seed,
+)
 from tint.errors import TintError
-from tint.io import folder_lock, read_json, set_threads, write_json
+from tint.io import set_threads, write_json
 
-DONE = "done.json"
 LOGGER = logging.getLogger("tint")
 STAGES = (
     "prepare", "specialize", "generate", "teacher", "pseudo-label",
     "distill", "evaluate", "export", "report",
 )
-
-
-class NonFiniteError(TintError):
-    """A loss or output became NaN/inf; the message names the stage."""
-
-
-# ----------------------------------------------------------------------------- CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", nargs="?", default=None,
-                        help="run config (YAML); default: the embedded demo (tint/configs/demo.yaml)")
-    parser.add_argument("--run-dir", default=None, help="where results go (default: the config's run_dir)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override one config value, e.g. --set distill.iterations=200 (repeatable)")
-    parser.add_argument("--print-config", action="store_true",
-                        help="print the fully resolved config and exit without running")
-
-
-def run(args: argparse.Namespace) -> int:
-    config = load_config(args.config, args.overrides)
-    if args.run_dir is not None:
-        config.run_dir = str(args.run_dir)
-    if args.print_config:
-        print(dump_config(config), end="")
-        return 0
-    console = logging.StreamHandler()
-    console.setFormatter(logging.Formatter("tint: %(message)s"))
-    LOGGER.addHandler(console)
-    try:
-        results = run_pipeline(config)
-    finally:
-        LOGGER.removeHandler(console)
-    print("\n".join(_summary_lines(results)))
-    print(f"report: {Path(config.run_dir) / 'report.html'}")
-    return 0
-
-
-def _summary_lines(results: dict) -> list[str]:
-    from tint.report import summary_lines
-
-    return summary_lines(results)
-
-
-# ----------------------------------------------------------------------------- run context
-
-
-@dataclass
-class RunContext:
-    """What every stage can see: the config, where things go, lazily loaded models."""
-
-    config: RunConfig
-    run_dir: Path
-    store: Path  # keyed artifacts; `tint experiment` shares one store between runs
-    hooks: dict[str, Callable[..., None]] = field(default_factory=dict)  # tests inject faults
-    markers: dict[str, dict] = field(default_factory=dict)  # stage markers this run used
-    cache: dict[str, Any] = field(default_factory=dict)  # models and tensors loaded once
-
-    def cached(self, name: str, make: Callable[[], Any]) -> Any:
-        if name not in self.cache:
-            self.cache[name] = make()
-        return self.cache[name]
-
-    @property
-    def dataset(self):
-        from tint.data.datasets import load_dataset
-
-        return self.cached("dataset", lambda: load_dataset(
-            self.config.data.dataset, resolution=self.config.data.resolution))
-
-
-def stable_hash(obj: Any, length: int = 12) -> str:
-    text = json.dumps(obj, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:length]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
-
-
-def stage_seed(run_seed: int, stage: str, key: Any) -> int:
-    """The seed a stage starts from: independent of which other stages ran before."""
-    return int(stable_hash([run_seed, stage, key], 15), 16)
-
-
-def run_stage(ctx: RunContext, stage: str, folder: Path, key: Any, label: str,
-              work: Callable[[Path], dict | None],
-              is_done: Callable[[dict], bool] | None = None) -> dict:
-    """Run `work(folder)` unless `folder/done.json` says it is complete for `key`.
-
-    Returns the marker: the key, the seconds the work took (kept from the first run
-    across resumes) and whatever `work` returned.
-    """
-    marker = _finished_marker(ctx, stage, folder, key, label, is_done)
-    if marker is not None:
-        return marker
-    # Another process sharing the store may be computing this very artifact: wait for
-    # it, then look again (it is usually done by then).
-    with folder_lock(folder, on_wait=lambda s: LOGGER.info(
-            "%-12s %s: waited %.0f s for another process", stage, label, s)):
-        marker = _finished_marker(ctx, stage, folder, key, label, is_done)
-        if marker is not None:
-            return marker
-        return _compute_stage(ctx, stage, folder, key, label, work)
-
-
-def _finished_marker(ctx: RunContext, stage: str, folder: Path, key: Any, label: str,
-                     is_done: Callable[[dict], bool] | None) -> dict | None:
-    marker_path = folder / DONE
-    if marker_path.is_file():
-        marker = read_json(marker_path)
-        if marker.get("key") == _jsonable(key) and (is_done is None or is_done(marker)):
-            LOGGER.info("%-12s %s: done, skipped", stage, label)
-            ctx.markers[str(marker_path)] = marker
-            return marker
-    return None
-
-
-def _compute_stage(ctx: RunContext, stage: str, folder: Path, key: Any, label: str,
-                   work: Callable[[Path], dict | None]) -> dict:
-    marker_path = folder / DONE
-    LOGGER.info("%-12s %s: running", stage, label)
-    seed_everything(stage_seed(ctx.config.seed, stage, key))
-    if "*" in ctx.hooks:  # called for every stage that is computed (not skipped)
-        ctx.hooks["*"](stage, label)
-    if stage in ctx.hooks:
-        ctx.hooks[stage](label)
-    start = time.perf_counter()
-    try:
-        info = work(folder) or {}
-    except NonFiniteError:
-        raise
-    except TintError as err:
-        if _mentions_nan(str(err)):
-            raise _nan_error(stage, label, ctx, str(err)) from err
-        raise
-    except (FloatingPointError, ValueError, RuntimeError) as err:
-        if _mentions_nan(str(err)):
-            raise _nan_error(stage, label, ctx, str(err)) from err
-        raise
-    seconds = time.perf_counter() - start
-    marker = {"stage": stage, "label": label, "key": _jsonable(key), "seconds": seconds,
-              "finished": datetime.now(UTC).isoformat(timespec="seconds"), **info}
-    write_json(marker_path, marker)
-    ctx.markers[str(marker_path)] = marker
-    LOGGER.info("%-12s %s: finished in %.1f s", stage, label, seconds)
-    return marker
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
-
-
-def _mentions_nan(text: str) -> bool:
-    return re.search(r"\bnan\b|\binf\b|infinity|non-finite|not finite", text.lower()) is not None
-
-
-def _nan_error(stage: str, label: str, ctx: RunContext, detail: str) -> NonFiniteError:
-    return NonFiniteError(
-        f"stage {stage} ({label}) stopped: a loss or output became NaN/inf ({detail}). "
-        f"Finished artifacts are kept in {ctx.run_dir}; lower the learning rate of this stage "
-        "(e.g. --set distill.lr=...) and run the same command again to resume."
-    )
-
-
-def check_finite(stage: str, label: str, name: str, tensor: torch.Tensor) -> None:
-    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-        raise NonFiniteError(
-            f"stage {stage} ({label}) stopped: {name} contains NaN/inf. Finished artifacts are "
-            "kept; fix the setting named above and run the same command again to resume."
-        )
+__all__ = [
+    "DONE", "NonFiniteError", "RunContext", "Unit", "check_finite", "make_context", "plan_units",
+    "run_pipeline", "run_stage", "run_unit", "stable_hash", "stage_seed", "unit_done",
+]
 
 
 # ----------------------------------------------------------------------------- top level
@@ -234,29 +72,27 @@ def run_pipeline(config: RunConfig, store: str | Path | None = None,
                  hooks: dict[str, Callable[..., None]] | None = None) -> dict:
     """Run (or resume) every stage of `config`; return the results dict (results.json)."""
     validate_components(config)  # before anything is written
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = RunContext(config, run_dir, Path(store) if store else run_dir / "artifacts", dict(hooks or {}))
-    handler = _attach_log(run_dir / "log.txt")
+    ctx = make_context(config, store, hooks)
+    ctx.run_dir.mkdir(parents=True, exist_ok=True)
+    handler = _attach_log(ctx.run_dir / "log.txt")
     try:
         set_threads(config.threads)
-        save_resolved(config, run_dir / "config.yaml")
-        LOGGER.info("tint run %s -> %s", config.name, run_dir)
+        save_resolved(config, ctx.run_dir / "config.yaml")
+        LOGGER.info("tint run %s -> %s (device %s)", config.name, ctx.run_dir, ctx.device)
         episodes = prepare(ctx)
-        teacher_dir = train_teacher(ctx)
-        evaluations = [run_episode(ctx, episode, teacher_dir) for episode in episodes]
-        results = collect_results(ctx, episodes, evaluations)
-        _write_model_results(ctx, results)
-        if config.report.enabled:
-            start = time.perf_counter()
-            _write_report(ctx, results)
-            results["timings"]["report"] = round(time.perf_counter() - start, 2)
-        write_json(run_dir / "results.json", _public(results))
-        LOGGER.info("results: %s", "; ".join(_summary_lines(results)[1:]))
-        return results
+        units = plan_units(ctx, episodes)
+        execute(ctx, episodes, units)
+        return report(ctx, episodes)
     finally:
         LOGGER.removeHandler(handler)
         handler.close()
+
+
+def execute(ctx: RunContext, episodes: list[EpisodeData], units: list[Unit]) -> None:
+    """Hand the unit graph to the executor named by `config.executor.name`."""
+    from tint.executors import get_executor
+
+    get_executor(ctx.config.executor.name)(ctx, episodes, units)
 
 
 def _attach_log(path: Path) -> logging.Handler:
@@ -269,30 +105,15 @@ def _attach_log(path: Path) -> logging.Handler:
 
 def validate_components(config: RunConfig) -> None:
     """Check names and component settings before any work, each error naming its key."""
-    from tint.generators import available_generators, create_generator
-    from tint.generators.base import settings_from
+    from tint.generators import available_generators
+    from tint.students.models import list_students
+    from tint.teachers.recipes import teacher_recipe
 
     gen = config.generator
     if gen.name not in available_generators():
         raise TintError(f"generator.name: unknown generator {gen.name!r}; "
                         f"choose one of {', '.join(available_generators())}")
-    try:
-        module = create_generator(gen.name)
-    except TintError as err:
-        raise TintError(f"generator.name: {err}") from err
-    for part, cls_name in (("specialize", "SpecializeSettings"), ("generate", "GenerateSettings")):
-        cls = getattr(module, cls_name, None)
-        values = getattr(gen, part)
-        if cls is None:
-            if values:
-                raise TintError(f"generator.{part}: generator {gen.name!r} takes no settings here")
-            continue
-        try:
-            settings_from(cls, values)
-        except TintError as err:
-            raise TintError(f"generator.{part}: {err}") from err
-        except TypeError as err:
-            raise TintError(f"generator.{part}: {err}") from err
+    generator_settings(config)
     if gen.name != "none" and gen.backbone == "tint-clipart":
         from tint.diffusion.backbone import EMBEDDED_GENERATOR_DIR, SMALL_GENERATOR_MARKER
 
@@ -302,14 +123,165 @@ def validate_components(config: RunConfig) -> None:
                 f"{EMBEDDED_GENERATOR_DIR}; reinstall tint, or set generator.backbone to a "
                 "generator folder (tint pretrain-generator) or a Stable Diffusion folder"
             )
-    if config.teacher.name not in ("pmf", "labelhalluc"):
-        raise TintError(f"teacher.name: unknown teacher {config.teacher.name!r}; choose pmf or labelhalluc")
-    from tint.students.models import list_students
-
+    teacher_recipe(config.teacher.name)
     for i, student in enumerate(config.students):
         if student.arch not in list_students():
             raise TintError(f"students[{i}].arch: unknown student {student.arch!r}; "
                             f"choose one of {', '.join(list_students())}")
+
+
+# ----------------------------------------------------------------------------- run context
+
+
+@dataclass
+class RunContext:
+    """What every unit can see: the config, where things go, lazily loaded models."""
+
+    config: RunConfig
+    run_dir: Path
+    store: Path  # keyed artifacts; `tint experiment` shares one store between runs
+    hooks: dict[str, Callable[..., None]] = field(default_factory=dict)  # tests inject faults
+    markers: dict[str, dict] = field(default_factory=dict)  # stage markers this run used
+    cache: dict[str, Any] = field(default_factory=dict)  # models and tensors loaded once
+    device_override: str | None = None  # a Ray worker's assigned device
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+    def cached(self, name: str, make: Callable[[], Any]) -> Any:
+        if name not in self.cache:
+            self.cache[name] = make()
+        return self.cache[name]
+
+    @cached_property
+    def device(self) -> torch.device:
+        """Where every stage but export runs; execution only, never in a key."""
+        from tint.devices import resolve_device
+
+        return resolve_device(self.device_override or self.config.device)
+
+    @property
+    def dataset(self):
+        from tint.data.datasets import load_dataset
+
+        return self.cached("dataset", lambda: load_dataset(
+            self.config.data.dataset, resolution=self.config.data.resolution))
+
+
+def make_context(config: RunConfig, store: str | Path | None = None,
+                 hooks: dict[str, Callable[..., None]] | None = None) -> RunContext:
+    """The context of a run (or of one worker running its units)."""
+    run_dir = Path(config.run_dir)
+    return RunContext(config, run_dir, Path(store) if store else run_dir / "artifacts", dict(hooks or {}))
+
+
+# ----------------------------------------------------------------------------- the unit graph
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work: a call of a unit function, and the units it needs first."""
+
+    stage: str
+    episode: int | None = None
+    index: int | None = None  # class index (specialize, generate) or student index
+    repeat: int = 0  # distill: which of `distill.repeats` students
+    needs: tuple[str, ...] = ()
+
+    @property
+    def id(self) -> str:
+        return unit_id(self.stage, self.episode, self.index, self.repeat)
+
+
+def unit_id(stage: str, episode: int | None = None, index: int | None = None, repeat: int = 0) -> str:
+    parts = [stage] + ([f"ep{episode:03d}"] if episode is not None else [])
+    if index is not None:
+        parts.append(f"{'c' if stage in ('specialize', 'generate') else 's'}{index:02d}")
+    return "/".join(parts) + (f"/r{repeat}" if repeat else "")
+
+
+def plan_units(ctx: RunContext, episodes: list[EpisodeData]) -> list[Unit]:
+    """Every unit of the run with what it needs, in the local executor's order."""
+    units = [Unit("teacher")]
+    teacher_id = units[0].id
+    synthetic = uses_synthetic(ctx)
+    for ep in episodes:
+        e = ep.index
+        generated: list[str] = []
+        if synthetic:
+            for c in range(ep.n_way):
+                units.append(Unit("specialize", e, c))
+                units.append(Unit("generate", e, c, needs=(unit_id("specialize", e, c),)))
+                generated.append(units[-1].id)
+        units.append(Unit("label-base", e, needs=(teacher_id,)))
+        if synthetic:
+            units.append(Unit("pseudo-label", e, needs=(teacher_id, unit_id("label-base", e), *generated)))
+        students = []
+        for s, student in enumerate(ctx.config.students):
+            labels = "pseudo-label" if synthetic and "synthetic" in student_sources(ctx, student) else "label-base"
+            for r in range(ctx.config.distill.repeats):
+                units.append(Unit("distill", e, s, r, needs=(unit_id(labels, e),)))
+                students.append(units[-1].id)
+        units.append(Unit("evaluate", e, needs=(teacher_id, *students)))
+        if ctx.config.export.enabled:
+            for s in range(len(ctx.config.students)):
+                units.append(Unit("export", e, s, needs=(unit_id("distill", e, s),)))
+    return units
+
+
+def run_unit(ctx: RunContext, episodes: list[EpisodeData], unit: Unit) -> dict:
+    """Call the unit's function (any process can, once its needs are done)."""
+    episode = episodes[unit.episode] if unit.episode is not None else None
+    if unit.stage == "teacher":
+        return teacher(ctx)
+    if unit.stage in ("specialize", "generate"):
+        return UNIT_FUNCTIONS[unit.stage](ctx, episode, unit.index)
+    if unit.stage in ("label-base", "pseudo-label", "evaluate"):
+        return UNIT_FUNCTIONS[unit.stage](ctx, episode)
+    if unit.stage == "distill":
+        return distill(ctx, episode, unit.index, unit.repeat)
+    if unit.stage == "export":
+        return export(ctx, episode, unit.index)
+    raise TintError(f"unknown unit {unit.id}")
+
+
+def unit_done(ctx: RunContext, episodes: list[EpisodeData], unit: Unit) -> bool:
+    """Whether the unit is finished (verified), without running anything."""
+    from tint.engine import finished_marker
+
+    episode = episodes[unit.episode] if unit.episode is not None else None
+    folder, key, is_done = unit_location(ctx, episode, unit)
+    return finished_marker(ctx, unit.stage, folder, key, unit.id, is_done) is not None
+
+
+def unit_location(ctx: RunContext, episode: EpisodeData | None, unit: Unit) -> tuple[Path, Any, Any]:
+    """The folder, key and completeness test of a unit (what the engine checks)."""
+    if unit.stage == "teacher":
+        return teacher_dir(ctx), teacher_key(ctx), None
+    assert episode is not None
+    if unit.stage == "specialize":
+        key = specialization_key(ctx, episode, unit.index)
+        return ctx.store / "specialize" / stable_hash(key), key, None
+    if unit.stage == "generate":
+        key = generation_key(ctx, episode, unit.index)
+        wanted = ctx.config.generator.images_per_class
+        return (ctx.store / "generate" / stable_hash(key), key,
+                lambda m: m.get("n_images", 0) >= wanted or m.get("exhausted", False))
+    if unit.stage == "label-base":
+        key = base_labels_key(ctx, episode)
+        return ctx.store / "pseudo-base" / stable_hash(key), key, None
+    if unit.stage == "pseudo-label":
+        key = pseudo_label_key(ctx, episode)
+        return ctx.store / "pseudo" / stable_hash(key), key, None
+    if unit.stage == "distill":
+        key = distill_key(ctx, episode, unit.index, unit.repeat)
+        return ctx.store / "distill" / stable_hash(key), key, None
+    if unit.stage == "evaluate":
+        return episode.folder / "evaluate", evaluation_key(ctx, episode), None
+    if unit.stage == "export":
+        return export_location(ctx, episode, unit.index)
+    raise TintError(f"unknown unit {unit.id}")
 
 
 # ----------------------------------------------------------------------------- prepare
@@ -334,6 +306,16 @@ class EpisodeData:
     @property
     def n_way(self) -> int:
         return len(self.classes)
+
+    def support_items(self) -> tuple[list[str], list[int]]:
+        return _flatten(self.support)
+
+    def query_items(self) -> tuple[list[str], list[int]]:
+        return _flatten(self.query)
+
+
+def _flatten(rows: list[list[str]]) -> tuple[list[str], list[int]]:
+    return [i for row in rows for i in row], [c for c, row in enumerate(rows) for _ in row]
 
 
 def prepare(ctx: RunContext) -> list[EpisodeData]:
@@ -399,6 +381,10 @@ def resolve_episode_file(spec: str) -> Path:
 
 def select_base_items(ctx: RunContext) -> list[str]:
     """The base-class images the student distils on (seeded subset per class)."""
+    return ctx.cached("base_items", lambda: _select_base_items(ctx))
+
+
+def _select_base_items(ctx: RunContext) -> list[str]:
     cfg = ctx.config.data
     dataset = ctx.dataset
     base_classes = dataset.classes(cfg.base_split)
@@ -411,7 +397,7 @@ def select_base_items(ctx: RunContext) -> list[str]:
             "data.min_base_images): add base classes/images or choose another data.base_split"
         )
     needed = ctx.config.teacher.meta_train
-    if ctx.config.teacher.meta_train.epochs > 0 and len(base_classes) < needed.n_way:
+    if needed.epochs > 0 and len(base_classes) < needed.n_way:
         raise TintError(
             f"teacher.meta_train.n_way: {needed.n_way}-way meta-training needs {needed.n_way} base "
             f"classes, but split {cfg.base_split!r} has {len(base_classes)}; lower it or add classes"
@@ -447,20 +433,78 @@ def _write_episode(ctx: RunContext, data: EpisodeData, folder: Path) -> dict:
     return {"support_png": support_files}
 
 
-# ----------------------------------------------------------------------------- generator
+# ----------------------------------------------------------------------------- teacher
 
 
-def _generator_key(ctx: RunContext, spec_settings: Any) -> dict:
-    gen = ctx.config.generator
-    return {"name": gen.name, "backbone": gen.backbone, "weights": backbone_fingerprint(gen.backbone),
-            "specialize": _settings_key(spec_settings, gen.specialize),
-            "resolution": ctx.config.data.resolution}
+def teacher_inputs(ctx: RunContext):
+    from tint.teachers.recipes import TeacherInputs
+
+    data = ctx.config.data
+    return TeacherInputs(ctx.config.teacher, ctx.dataset, data.dataset, data.resolution, data.base_split,
+                         select_base_items(ctx), ctx.config.seed, ctx.config.students[0].arch, ctx.device)
+
+
+def teacher_key(ctx: RunContext) -> dict:
+    from tint.teachers.recipes import teacher_recipe
+
+    return ctx.cached("teacher_key", lambda: teacher_recipe(ctx.config.teacher.name).run_key(teacher_inputs(ctx)))
+
+
+def teacher_dir(ctx: RunContext) -> Path:
+    return ctx.store / "teacher" / stable_hash(teacher_key(ctx))
+
+
+def teacher(ctx: RunContext) -> dict:
+    """Meta-train (pmf) or base-pretrain (labelhalluc) once per run; cached by its key."""
+    from tint.teachers.recipes import teacher_recipe
+
+    recipe = teacher_recipe(ctx.config.teacher.name)
+    return run_stage(ctx, "teacher", teacher_dir(ctx), teacher_key(ctx), "meta-train",
+                     lambda f: recipe.train_for_run(teacher_inputs(ctx), f))
+
+
+def fitted_teacher(ctx: RunContext, episode: EpisodeData):
+    """The trained teacher fitted to this episode's support (loaded once per process)."""
+    from tint.teachers.recipes import teacher_recipe
+
+    teacher(ctx)  # finished: verified and skipped
+    folder = teacher_dir(ctx)
+    model = ctx.cached(f"teacher:{folder}", lambda: teacher_recipe(ctx.config.teacher.name)
+                       .load_for_run(teacher_inputs(ctx), folder))
+    if ctx.cache.get("teacher_fitted_for") != (str(folder), episode.index):
+        items, labels = episode.support_items()
+        seed_everything(stage_seed(ctx.config.seed, "teacher-fit", episode.key))
+        model.fit(ctx.dataset.load_tensor(items), torch.tensor(labels), ids=items)
+        ctx.cache["teacher_fitted_for"] = (str(folder), episode.index)
+    return model
+
+
+# ----------------------------------------------------------------------------- specialize, generate
+
+
+def generator_settings(config: RunConfig) -> tuple[Any, Any]:
+    """The generator's (SpecializeSettings, GenerateSettings), validated; errors name the key."""
+    from tint.generators import create_generator
+    from tint.generators.base import settings_from
+
+    gen = config.generator
+    module = create_generator(gen.name)
+    resolved = []
+    for part, cls_name in (("specialize", "SpecializeSettings"), ("generate", "GenerateSettings")):
+        cls, values = getattr(module, cls_name, None), getattr(gen, part)
+        if cls is None and values:
+            raise TintError(f"generator.{part}: generator {gen.name!r} takes no settings here")
+        try:
+            resolved.append(None if cls is None else settings_from(cls, values))
+        except (TintError, TypeError) as err:
+            raise TintError(f"generator.{part}: {err}") from err
+    return resolved[0], resolved[1]
 
 
 def _settings_key(settings: Any, values: dict) -> dict:
     """Settings with every default filled in: a key must not tell `alpha: 1.0` (the
     default, written out) from no `alpha` at all, or equal cells would not share."""
-    return values if settings is None else _jsonable(asdict(settings))
+    return values if settings is None else jsonable(asdict(settings))
 
 
 def backbone_fingerprint(spec: str) -> str | None:
@@ -480,14 +524,34 @@ def backbone_fingerprint(spec: str) -> str | None:
     return stable_hash(parts)
 
 
-def _has_synthetic(ctx: RunContext) -> bool:
+def has_synthetic(ctx: RunContext) -> bool:
     gen = ctx.config.generator
     return gen.name != "none" and gen.images_per_class > 0
 
 
-def _uses_synthetic(ctx: RunContext) -> bool:
-    wanted = any("synthetic" in _student_sources(ctx, s) for s in ctx.config.students)
-    return wanted and _has_synthetic(ctx)
+def uses_synthetic(ctx: RunContext) -> bool:
+    wanted = any("synthetic" in student_sources(ctx, s) for s in ctx.config.students)
+    return wanted and has_synthetic(ctx)
+
+
+def specialization_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
+    gen = ctx.config.generator
+
+    def generator_key() -> dict:
+        spec_settings, _ = generator_settings(ctx.config)
+        return {"name": gen.name, "backbone": gen.backbone, "weights": backbone_fingerprint(gen.backbone),
+                "specialize": _settings_key(spec_settings, gen.specialize),
+                "resolution": ctx.config.data.resolution}
+
+    return {**ctx.cached("generator_key", generator_key), "class": episode.classes[c],
+            "support": episode.support[c], "dataset": ctx.config.data.dataset}
+
+
+def generation_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
+    _, gen_settings = generator_settings(ctx.config)
+    gen = ctx.config.generator
+    return {"specialization": specialization_key(ctx, episode, c), "seed": gen.seed,
+            "generate": _settings_key(gen_settings, gen.generate)}
 
 
 def _backbone(ctx: RunContext, fresh: bool = False):
@@ -502,213 +566,130 @@ def _backbone(ctx: RunContext, fresh: bool = False):
     from tint.diffusion.backbone import load_backbone
 
     spec = ctx.config.generator.backbone
+    kwargs = {} if ctx.device.type == "cpu" else {"device": ctx.device}
     if fresh:
-        return load_backbone(spec)
-    return ctx.cached(f"backbone:{spec}", lambda: load_backbone(spec))
+        return load_backbone(spec, **kwargs)
+    return ctx.cached(f"backbone:{spec}", lambda: load_backbone(spec, **kwargs))
 
 
-def specialize_and_generate(ctx: RunContext, episode: EpisodeData) -> list[list[str]]:
-    """Per class: specialise, then generate; returns the synthetic image paths per class."""
-    if not _uses_synthetic(ctx):
-        return [[] for _ in episode.classes]
+def specialize(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
+    """Specialise the generator to class c's support images (TI + NTI for "tint")."""
     from tint.generators import create_generator
-    from tint.generators.base import manifest_paths
+
+    key = specialization_key(ctx, episode, c)
+    spec_settings, _ = generator_settings(ctx.config)
+
+    def work(folder: Path) -> dict:
+        generator = create_generator(ctx.config.generator.name)
+        support = ctx.dataset.load_tensor(episode.support[c])
+        path = generator.specialize(_backbone(ctx, fresh=True), episode.classes[c], support, folder,
+                                    spec_settings)
+        return {"artifact": Path(path).name}
+
+    return run_stage(ctx, "specialize", ctx.store / "specialize" / stable_hash(key), key,
+                     f"{episode.label}/c{c:02d}", work)
+
+
+def generate(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
+    """New images of class c from its specialisation (Algorithm 2)."""
+    from tint.generators import create_generator
 
     gen_cfg = ctx.config.generator
-    generator = create_generator(gen_cfg.name)
-    spec_settings = _settings(generator, "SpecializeSettings", gen_cfg.specialize)
-    gen_settings = _settings(generator, "GenerateSettings", gen_cfg.generate)
-    generate_key = _settings_key(gen_settings, gen_cfg.generate)  # before the cache folder below
-    generator_key = _generator_key(ctx, spec_settings)
+    artifact = ctx.store / "specialize" / stable_hash(specialization_key(ctx, episode, c))
+    artifact = artifact / specialize(ctx, episode, c)["artifact"]
+    _, gen_settings = generator_settings(ctx.config)
     if getattr(gen_settings, "cache_dir", "unset") is None:
         # One feature cache per store (keyed inside by pool, scorer and resolution), not
         # one per class folder: mining 5 classes scores the pool once. Not part of the key.
         gen_settings = replace(gen_settings, cache_dir=str(ctx.store / "pool-features"))
     wanted = gen_cfg.images_per_class
-    synthetic: list[list[str]] = []
+    label = f"{episode.label}/c{c:02d}"
+    name = episode.classes[c]
+
+    def work(folder: Path) -> dict:
+        generator = create_generator(gen_cfg.name)
+        made = len(generator.generate(_backbone(ctx), artifact, wanted, folder, gen_cfg.seed, gen_settings))
+        if made < wanted and not getattr(generator, "MAY_RETURN_FEWER", False):
+            raise TintError(f"stage generate ({label}): {gen_cfg.name} made {made} of {wanted} "
+                            f"images in {folder}")
+        # exhausted: a capped source (real-data mining) has no more for this key
+        return {"n_images": made, "class": name, "exhausted": made < wanted}
+
+    folder, key, is_done = unit_location(ctx, episode, Unit("generate", episode.index, c))
+    return run_stage(ctx, "generate", folder, key, label, work, is_done=is_done)
+
+
+def synthetic_paths(ctx: RunContext, episode: EpisodeData) -> list[list[str]]:
+    """The generated images of every class of the episode (empty lists without synthetic data)."""
+    from tint.generators.base import manifest_paths
+
+    if not uses_synthetic(ctx):
+        return [[] for _ in episode.classes]
+    wanted = ctx.config.generator.images_per_class
+    paths = []
     for c, name in enumerate(episode.classes):
-        label = f"{episode.label}/c{c:02d}"
-        spec_key = {**generator_key, "class": name, "support": episode.support[c],
-                    "dataset": ctx.config.data.dataset}
-        spec_dir = ctx.store / "specialize" / stable_hash(spec_key)
-
-        def do_specialize(folder: Path, name=name, c=c) -> dict:
-            support = ctx.dataset.load_tensor(episode.support[c])
-            path = generator.specialize(_backbone(ctx, fresh=True), name, support, folder, spec_settings)
-            return {"artifact": Path(path).name}
-
-        spec_marker = run_stage(ctx, "specialize", spec_dir, spec_key, label, do_specialize)
-        artifact = spec_dir / spec_marker["artifact"]
-
-        gen_key = {"specialization": spec_key, "seed": gen_cfg.seed, "generate": generate_key}
-        gen_dir = ctx.store / "generate" / stable_hash(gen_key)
-
-        def do_generate(folder: Path, name=name, artifact=artifact, label=label) -> dict:
-            made = len(generator.generate(_backbone(ctx), artifact, wanted, folder, gen_cfg.seed,
-                                          gen_settings))
-            if made < wanted and not getattr(generator, "MAY_RETURN_FEWER", False):
-                raise TintError(f"stage generate ({label}): {gen_cfg.name} made {made} of {wanted} "
-                                f"images in {folder}")
-            # exhausted: a capped source (real-data mining) has no more for this key
-            return {"n_images": made, "class": name, "exhausted": made < wanted}
-
-        marker = run_stage(ctx, "generate", gen_dir, gen_key, label, do_generate,
-                           is_done=lambda m, n=wanted: m.get("n_images", 0) >= n or m.get("exhausted", False))
+        marker = generate(ctx, episode, c)
+        folder = ctx.store / "generate" / stable_hash(generation_key(ctx, episode, c))
         available = min(wanted, int(marker["n_images"]))
-        paths = manifest_paths(gen_dir, name, available)
-        if len(paths) < available:
-            raise TintError(f"stage generate ({label}): {gen_dir} holds {len(paths)} of {available} images; "
-                            f"delete {gen_dir / DONE} and run again")
+        found = manifest_paths(folder, name, available)
+        if len(found) < available:
+            raise TintError(f"stage generate ({episode.label}/c{c:02d}): {folder} holds {len(found)} of "
+                            f"{available} images; delete {folder / DONE} and run again")
         if available < wanted:
-            LOGGER.info("%-12s %s: %s has %d of the %d images asked for", "generate", label,
-                        gen_cfg.name, available, wanted)
-        synthetic.append([str(p) for p in paths])
-    return synthetic
-
-
-def _settings(module: Any, cls_name: str, values: dict) -> Any:
-    from tint.generators.base import settings_from
-
-    cls = getattr(module, cls_name, None)
-    return None if cls is None else settings_from(cls, values)
-
-
-# ----------------------------------------------------------------------------- teacher
-
-
-def _teacher_key(ctx: RunContext) -> dict:
-    cfg = ctx.config.teacher
-    key = {"name": cfg.name, "dataset": ctx.config.data.dataset,
-           "resolution": ctx.config.data.resolution, "base_split": ctx.config.data.base_split,
-           "settings": cfg.settings}
-    if cfg.name == "pmf":
-        key |= {"backbone": cfg.backbone, "meta_train": asdict(cfg.meta_train)}
-    else:
-        key |= {"arch": _labelhalluc_arch(ctx), "pretrain_iterations": cfg.pretrain_iterations,
-                "base": select_base_items(ctx), "seed": ctx.config.seed}
-    return key
-
-
-def _labelhalluc_arch(ctx: RunContext) -> str:
-    return ctx.config.teacher.arch or ctx.config.students[0].arch
-
-
-def train_teacher(ctx: RunContext) -> Path:
-    """Meta-train (pmf) or base-pretrain (labelhalluc) once per run; cached by its key."""
-    key = _teacher_key(ctx)
-    folder = ctx.store / "teacher" / stable_hash(key)
-    run_stage(ctx, "teacher", folder, key, "meta-train", lambda f: _train_teacher(ctx, f))
-    return folder
-
-
-def _train_teacher(ctx: RunContext, folder: Path) -> dict:
-    cfg = ctx.config.teacher
-    if cfg.name == "labelhalluc":
-        from tint.students.distill import DistillSource
-        from tint.teachers.labelhalluc import pretrain_config, pretrain_on_base
-
-        classes = ctx.dataset.classes(ctx.config.data.base_split)
-        items = select_base_items(ctx)
-        labels = torch.tensor([classes.index(ctx.dataset.class_of(i)) for i in items])
-        source = DistillSource(labels, load=lambda idx: ctx.dataset.load_tensor([items[i] for i in idx]))
-        iterations = cfg.pretrain_iterations
-        pretrain_on_base(_labelhalluc_arch(ctx), source, folder,
-                         pretrain_config(iterations, seed=ctx.config.seed),
-                         image_size=ctx.config.data.resolution)
-        return {"weights": "student.safetensors"}
-    from tint.teachers import create_teacher
-    from tint.teachers.protonet import DatasetEpisodeSampler, meta_train
-
-    teacher = create_teacher("pmf", backbone=cfg.backbone, seed=ctx.config.seed,
-                             batch_size=cfg.batch_size, **cfg.settings)
-    mt = cfg.meta_train
-    losses: list[float] = []
-    if mt.epochs > 0 and mt.episodes_per_epoch > 0:
-        sampler = DatasetEpisodeSampler(ctx.dataset, ctx.dataset.classes(ctx.config.data.base_split))
-        losses = meta_train(teacher, sampler, epochs=mt.epochs, episodes_per_epoch=mt.episodes_per_epoch,
-                            lr=mt.lr, weight_decay=mt.weight_decay, n_way=mt.n_way, k_shot=mt.k_shot,
-                            n_query=mt.n_query, seed=mt.seed,
-                            checkpoint_path=folder / "checkpoint.safetensors")
-    teacher.save(folder / "teacher.safetensors", {"meta_train_losses": losses})
-    return {"weights": "teacher.safetensors", "final_loss": losses[-1] if losses else None}
-
-
-def load_teacher(ctx: RunContext, folder: Path):
-    """The trained teacher, loaded once per process (its feature cache is shared)."""
-    from tint.teachers import create_teacher
-
-    cfg = ctx.config.teacher
-
-    def make():
-        if cfg.name == "labelhalluc":
-            return create_teacher("labelhalluc", weights=folder / "student.safetensors", **cfg.settings)
-        return create_teacher("pmf", backbone=cfg.backbone, weights=folder / "teacher.safetensors",
-                              seed=ctx.config.seed, batch_size=cfg.batch_size, **cfg.settings)
-
-    return ctx.cached(f"teacher:{folder}", make)
-
-
-def fit_teacher(ctx: RunContext, episode: EpisodeData, teacher_dir: Path):
-    """Prototypes (pmf) / logistic regression (labelhalluc) on this episode's support."""
-    teacher = load_teacher(ctx, teacher_dir)
-    if ctx.cache.get("teacher_fitted_for") != (str(teacher_dir), episode.index):
-        items, labels = _support_items(episode)
-        seed_everything(stage_seed(ctx.config.seed, "teacher-fit", episode.key))
-        teacher.fit(ctx.dataset.load_tensor(items), torch.tensor(labels), ids=items)
-        ctx.cache["teacher_fitted_for"] = (str(teacher_dir), episode.index)
-    return teacher
-
-
-def _support_items(episode: EpisodeData) -> tuple[list[str], list[int]]:
-    items = [item for row in episode.support for item in row]
-    labels = [c for c, row in enumerate(episode.support) for _ in row]
-    return items, labels
-
-
-def _query_items(episode: EpisodeData) -> tuple[list[str], list[int]]:
-    items = [item for row in episode.query for item in row]
-    labels = [c for c, row in enumerate(episode.query) for _ in row]
-    return items, labels
+            LOGGER.info("%-12s %s/c%02d: %s has %d of the %d images asked for", "generate", episode.label,
+                        c, ctx.config.generator.name, available, wanted)
+        paths.append([str(p) for p in found])
+    return paths
 
 
 # ----------------------------------------------------------------------------- pseudo-labels
 
 
-def pseudo_label(ctx: RunContext, episode: EpisodeData, teacher_dir: Path,
-                 synthetic: list[list[str]]) -> Path:
-    """Soft teacher probabilities over the episode's classes for base + synthetic images."""
-    from tint.io import save_tensors
+def base_labels_key(ctx: RunContext, episode: EpisodeData) -> dict:
+    return {"teacher": teacher_key(ctx), "episode": episode.key}
 
-    synthetic_flat = [p for paths in synthetic for p in paths]
+
+def label_base(ctx: RunContext, episode: EpisodeData) -> dict:
+    """Teacher probabilities of the base images. They depend on the teacher and the
+    episode only: one file per (teacher, episode) serves every generator of an experiment
+    and every student that reads no synthetic image."""
+    key = base_labels_key(ctx, episode)
+
+    def work(folder: Path) -> dict:
+        probs = _probabilities(ctx, fitted_teacher(ctx, episode), episode.base, ctx.dataset.load_tensor,
+                               folder / "base_probs.safetensors")
+        check_finite("pseudo-label", episode.label, "teacher probabilities (base)", probs)
+        return {"n_base": len(probs), "labels": "base_probs.safetensors"}
+
+    return run_stage(ctx, "pseudo-label", ctx.store / "pseudo-base" / stable_hash(key), key,
+                     f"{episode.label}/base", work)
+
+
+def pseudo_label_key(ctx: RunContext, episode: EpisodeData) -> dict:
     # Keyed by the images' place in the store, so a moved store keeps its keys.
-    relative = [str(Path(p).relative_to(ctx.store)) for p in synthetic_flat]
-    key = {"teacher": _teacher_key(ctx), "episode": episode.key, "synthetic": relative}
-    folder = ctx.store / "pseudo" / stable_hash(key)
-    label = episode.label
+    relative = [str(Path(p).relative_to(ctx.store)) for paths in synthetic_paths(ctx, episode) for p in paths]
+    return {"teacher": teacher_key(ctx), "episode": episode.key, "synthetic": relative}
+
+
+def pseudo_label(ctx: RunContext, episode: EpisodeData) -> dict:
+    """Soft teacher probabilities over the episode's classes for base + synthetic images."""
+    from tint.io import load_tensors, save_tensors
+
+    key = pseudo_label_key(ctx, episode)
+    base_dir = ctx.store / "pseudo-base" / stable_hash(base_labels_key(ctx, episode))
 
     def work(f: Path) -> dict:
-        teacher = fit_teacher(ctx, episode, teacher_dir)
-        base = _base_probabilities(ctx, episode, teacher)
-        syn = _probabilities(ctx, teacher, synthetic_flat, _load_generated(ctx),
+        base = load_tensors(base_dir / label_base(ctx, episode)["labels"])[0]["probs"]
+        flat = [p for paths in synthetic_paths(ctx, episode) for p in paths]
+        syn = _probabilities(ctx, fitted_teacher(ctx, episode), flat, _load_generated(ctx),
                              f / "synthetic_probs.safetensors")
-        check_finite("pseudo-label", label, "teacher probabilities (base)", base)
-        check_finite("pseudo-label", label, "teacher probabilities (synthetic)", syn)
+        check_finite("pseudo-label", episode.label, "teacher probabilities (synthetic)", syn)
         save_tensors(f / "pseudo_labels.safetensors", {"base": base, "synthetic": syn},
                      {"classes": episode.classes, "base_items": episode.base,
-                      "synthetic_items": relative})
+                      "synthetic_items": key["synthetic"]})
         return {"n_base": len(base), "n_synthetic": len(syn)}
 
-    run_stage(ctx, "pseudo-label", folder, key, label, work)
-    return folder / "pseudo_labels.safetensors"
-
-
-def _base_probabilities(ctx: RunContext, episode: EpisodeData, teacher) -> torch.Tensor:
-    """Base-image labels depend on the teacher and the episode only, not on the synthetic
-    set: one file per (teacher, episode) serves every generator of an experiment."""
-    folder = ctx.store / "pseudo-base" / stable_hash({"teacher": _teacher_key(ctx), "episode": episode.key})
-    with folder_lock(folder):
-        return _probabilities(ctx, teacher, episode.base, ctx.dataset.load_tensor,
-                              folder / "base_probs.safetensors")
+    return run_stage(ctx, "pseudo-label", ctx.store / "pseudo" / stable_hash(key), key, episode.label, work)
 
 
 def _probabilities(ctx: RunContext, teacher, items: list[str], load, cache: Path) -> torch.Tensor:
@@ -731,27 +712,57 @@ def _load_generated(ctx: RunContext) -> Callable[[list[str]], torch.Tensor]:
 # ----------------------------------------------------------------------------- distill
 
 
-def distill_student(ctx: RunContext, episode: EpisodeData, student_cfg: StudentConfig,
-                    pseudo_path: Path, synthetic: list[list[str]]) -> Path:
-    """Distil one student for this episode; resumes from its own checkpoints."""
-    from tint.io import load_tensors
+def student_sources(ctx: RunContext, student_cfg: StudentConfig) -> tuple[str, ...]:
+    """A student's own `sources`, else `distill.sources`."""
+    if student_cfg.sources is not None:
+        return tuple(student_cfg.sources)
+    return tuple(ctx.config.distill.sources)
 
-    config = _distill_config(ctx, student_cfg)
-    key = {"pseudo": str(pseudo_path.parent.name), "arch": student_cfg.arch,
-           "distill": asdict(config), "episode": episode.key}
-    folder = ctx.store / "distill" / stable_hash(key)
-    label = f"{episode.label}/{student_cfg.name}"
+
+def distill_config(ctx: RunContext, episode: EpisodeData, student_cfg: StudentConfig, repeat: int = 0):
+    """The student's DistillConfig. Its seed comes from the episode and the repeat, never
+    from the student's name or the synthetic set: students of one episode start from
+    the same initialisation and draw the same random numbers for what they share, so a
+    paired difference between them measures their data, not their seeds."""
+    config = ctx.config.distill
+    sources = student_sources(ctx, student_cfg)
+    if not has_synthetic(ctx):  # no synthetic images: the same student as `generator: none`
+        sources = tuple(s for s in sources if s != "synthetic")
+    seed = stage_seed(config.seed, "distill", [episode.key, repeat]) % (2**31)
+    return replace(config, sources=sources, seed=seed, device=str(ctx.device), repeats=1)
+
+
+NOT_IN_DISTILL_KEY = ("device", "repeats", "progress")  # execution only
+
+
+def distill_key(ctx: RunContext, episode: EpisodeData, s: int, repeat: int = 0) -> dict:
+    """Keyed on what the student reads: base labels only, or base + synthetic labels."""
+    student_cfg = ctx.config.students[s]
+    config = distill_config(ctx, episode, student_cfg, repeat)
+    if "synthetic" in config.sources:
+        labels = "pseudo/" + stable_hash(pseudo_label_key(ctx, episode))
+    else:
+        labels = "pseudo-base/" + stable_hash(base_labels_key(ctx, episode))
+    settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_DISTILL_KEY}
+    return {"labels": labels, "arch": student_cfg.arch, "distill": settings, "episode": episode.key}
+
+
+def distill(ctx: RunContext, episode: EpisodeData, s: int, repeat: int = 0) -> dict:
+    """Distil student s (repeat `repeat`) for this episode; resumes from its own checkpoints."""
+    student_cfg = ctx.config.students[s]
+    config = distill_config(ctx, episode, student_cfg, repeat)
+    key = distill_key(ctx, episode, s, repeat)
+    label = f"{episode.label}/{student_cfg.name}" + (f"/r{repeat}" if repeat else "")
 
     def work(f: Path) -> dict:
         from tint.students import create_student
-        from tint.students.distill import distill
+        from tint.students.distill import distill as distill_loop
 
-        labels, _ = load_tensors(pseudo_path)
-        sources = _distill_sources(ctx, episode, labels, synthetic, config.sources)
+        sources = _distill_sources(ctx, episode, config.sources)
         query = _query_tensor(ctx, episode)
         student = create_student(student_cfg.arch, episode.n_way, image_size=ctx.config.data.resolution)
         hook = ctx.hooks.get("distill-step")
-        result = distill(
+        result = distill_loop(
             student, sources, config, f, eval_fn=lambda m: _accuracy(m, *query),
             progress=True, on_step=(lambda step, loss: hook(label, step, loss)) if hook else None,
             student_meta={"arch": student_cfg.arch, "num_classes": episode.n_way,
@@ -760,38 +771,28 @@ def distill_student(ctx: RunContext, episode: EpisodeData, student_cfg: StudentC
         curve = [[e["step"], e["accuracy"]] for e in result.history if "accuracy" in e]
         return {"weights": result.final_path.name, "curve": curve}
 
-    run_stage(ctx, "distill", folder, key, label, work)
-    return folder
+    return run_stage(ctx, "distill", ctx.store / "distill" / stable_hash(key), key, label, work)
 
 
-def _student_sources(ctx: RunContext, student_cfg: StudentConfig) -> tuple[str, ...]:
-    """A student's own `sources`, else `distill.sources`."""
-    if student_cfg.sources is not None:
-        return tuple(student_cfg.sources)
-    return tuple(ctx.config.distill.sources)
-
-
-def _distill_config(ctx: RunContext, student_cfg: StudentConfig):
-    config = ctx.config.distill
-    sources = _student_sources(ctx, student_cfg)
-    if not _has_synthetic(ctx):  # no synthetic images: the same student as `generator: none`
-        sources = tuple(s for s in sources if s != "synthetic")
-    return replace(config, sources=sources, seed=stage_seed(config.seed, "distill", student_cfg.name) % (2**31))
-
-
-def _distill_sources(ctx: RunContext, episode: EpisodeData, labels: dict, synthetic: list[list[str]],
-                     wanted: tuple[str, ...]) -> dict:
+def _distill_sources(ctx: RunContext, episode: EpisodeData, wanted: tuple[str, ...]) -> dict:
+    from tint.io import load_tensors
     from tint.students.distill import DistillSource
 
     sources = {}
     if "support" in wanted:
-        items, targets = _support_items(episode)
+        items, targets = episode.support_items()
         sources["support"] = DistillSource(torch.tensor(targets), images=ctx.dataset.load_tensor(items))
-    if "base" in wanted and len(labels["base"]):
-        sources["base"] = DistillSource(labels["base"], images=_base_tensor(ctx))
-    flat = [p for paths in synthetic for p in paths]
-    if "synthetic" in wanted and flat:
-        sources["synthetic"] = DistillSource(labels["synthetic"], images=_load_generated(ctx)(flat))
+    if "synthetic" in wanted:
+        pseudo_label(ctx, episode)
+        folder = ctx.store / "pseudo" / stable_hash(pseudo_label_key(ctx, episode))
+        labels = load_tensors(folder / "pseudo_labels.safetensors")[0]
+        flat = [p for paths in synthetic_paths(ctx, episode) for p in paths]
+        if flat:
+            sources["synthetic"] = DistillSource(labels["synthetic"], images=_load_generated(ctx)(flat))
+    if "base" in wanted and episode.base:
+        folder = ctx.store / "pseudo-base" / stable_hash(base_labels_key(ctx, episode))
+        base = load_tensors(folder / label_base(ctx, episode)["labels"])[0]["probs"]
+        sources["base"] = DistillSource(base, images=_base_tensor(ctx))
     return sources
 
 
@@ -802,7 +803,7 @@ def _base_tensor(ctx: RunContext) -> torch.Tensor:
 
 def _query_tensor(ctx: RunContext, episode: EpisodeData) -> tuple[torch.Tensor, torch.Tensor]:
     def make():
-        items, labels = _query_items(episode)
+        items, labels = episode.query_items()
         return ctx.dataset.load_tensor(items), torch.tensor(labels)
 
     return ctx.cached(f"query:{episode.index}", make)
@@ -816,124 +817,100 @@ def _accuracy(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor
     return evaluate_on_episode(model, images, labels)
 
 
+def student_folders(ctx: RunContext, episode: EpisodeData, s: int) -> list[Path]:
+    """The artifact folder of each repeat of student s."""
+    return [ctx.store / "distill" / stable_hash(distill_key(ctx, episode, s, r))
+            for r in range(ctx.config.distill.repeats)]
+
+
 # ----------------------------------------------------------------------------- evaluate, export
 
 
-def evaluate_episode(ctx: RunContext, episode: EpisodeData, teacher_dir: Path,
-                     students: dict[str, Path]) -> dict:
-    """Teacher and student accuracy on this episode's queries (episodes/epNNN/evaluation.json)."""
-    key = {"teacher": _teacher_key(ctx), "students": {n: p.name for n, p in students.items()},
-           "episode": episode.key}
+def evaluation_key(ctx: RunContext, episode: EpisodeData) -> dict:
+    students: dict[str, Any] = {}
+    for s, student in enumerate(ctx.config.students):
+        names = [f.name for f in student_folders(ctx, episode, s)]
+        students[student.name] = names[0] if len(names) == 1 else names
+    return {"teacher": teacher_key(ctx), "students": students, "episode": episode.key}
+
+
+def evaluate(ctx: RunContext, episode: EpisodeData) -> dict:
+    """Teacher and student accuracy on this episode's queries (episodes/epNNN/evaluate/).
+    A student with repeats scores the mean of its repeats (each kept in `repeats`)."""
+    from tint.students.distill import load_student
+
+    key = evaluation_key(ctx, episode)
 
     def work(f: Path) -> dict:
-        from tint.students.distill import load_student
-
         images, labels = _query_tensor(ctx, episode)
-        teacher = fit_teacher(ctx, episode, teacher_dir)
-        items, _ = _query_items(episode)
-        accuracy = {"teacher": float((teacher.predict_proba(images, ids=items).argmax(1) == labels)
+        model = fitted_teacher(ctx, episode)
+        items, _ = episode.query_items()
+        accuracy = {"teacher": float((model.predict_proba(images, ids=items).argmax(1).cpu() == labels)
                                      .float().mean())}
-        curves = {}
-        for name, folder in students.items():
-            model, _meta = load_student(folder / "student.safetensors")
-            accuracy[name] = _accuracy(model, images, labels)
-            curves[name] = read_json(folder / DONE).get("curve", [])
-        write_json(f / "evaluation.json", {"accuracy": accuracy, "n_query": len(labels), "curves": curves})
-        return {"accuracy": accuracy, "curves": curves}
+        curves, repeats = {}, {}
+        for s, student in enumerate(ctx.config.students):
+            scores = []
+            for r, folder in enumerate(student_folders(ctx, episode, s)):
+                marker = distill(ctx, episode, s, r)  # finished: verified and skipped
+                model, _meta = load_student(folder / marker["weights"])
+                scores.append(_accuracy(model.to(ctx.device), images.to(ctx.device), labels.to(ctx.device)))
+                curves.setdefault(student.name, marker.get("curve", []))
+            accuracy[student.name] = sum(scores) / len(scores)
+            repeats[student.name] = scores
+        write_json(f / "evaluation.json", {"accuracy": accuracy, "repeats": repeats,
+                                            "n_query": len(labels), "curves": curves})
+        return {"accuracy": accuracy, "repeats": repeats, "curves": curves}
 
-    folder = episode.folder / "evaluate"
-    return run_stage(ctx, "evaluate", folder, key, episode.label, work)
-
-
-def export_students(ctx: RunContext, episode: EpisodeData, students: dict[str, Path]) -> None:
-    """TorchScript + ONNX of each student, checked against torch by onnxruntime."""
-    for name, folder in students.items():
-        weights = folder / "student.safetensors"
-        key = {"weights": str(weights), "onnx": ctx.config.export.onnx}
-        out = ctx.run_dir / "export" / episode.label / name
-        run_stage(ctx, "export", out, key, f"{episode.label}/{name}",
-                  lambda f, w=weights: _export(ctx, w, f))
+    return run_stage(ctx, "evaluate", episode.folder / "evaluate", key, episode.label, work)
 
 
-def _export(ctx: RunContext, weights: Path, folder: Path) -> dict:
+def export_location(ctx: RunContext, episode: EpisodeData, s: int) -> tuple[Path, dict, None]:
+    name = ctx.config.students[s].name
+    weights = student_folders(ctx, episode, s)[0] / "student.safetensors"
+    key = {"weights": str(weights), "onnx": ctx.config.export.onnx}
+    return ctx.run_dir / "export" / episode.label / name, key, None
+
+
+def export(ctx: RunContext, episode: EpisodeData, s: int) -> dict:
+    """TorchScript + ONNX of student s (its first repeat), checked by onnxruntime; on CPU."""
     from tint.export import export_student
     from tint.students.distill import load_student
 
-    model, meta = load_student(weights)
-    report = export_student(model, folder, int(meta.get("image_size") or ctx.config.data.resolution),
-                            onnx=ctx.config.export.onnx)
-    return {"export": report}
+    folder, key, _ = export_location(ctx, episode, s)
+    weights = Path(key["weights"])
+
+    def work(f: Path) -> dict:
+        distill(ctx, episode, s)  # finished: verified and skipped
+        model, meta = load_student(weights)
+        report = export_student(model.cpu(), f, int(meta.get("image_size") or ctx.config.data.resolution),
+                                onnx=ctx.config.export.onnx)
+        return {"export": report}
+
+    return run_stage(ctx, "export", folder, key, f"{episode.label}/{ctx.config.students[s].name}", work)
 
 
-# ----------------------------------------------------------------------------- episode
+UNIT_FUNCTIONS: dict[str, Callable[..., dict]] = {
+    "teacher": teacher, "specialize": specialize, "generate": generate, "label-base": label_base,
+    "pseudo-label": pseudo_label, "distill": distill, "evaluate": evaluate, "export": export,
+}
 
 
-def run_episode(ctx: RunContext, episode: EpisodeData, teacher_dir: Path) -> dict:
-    synthetic = specialize_and_generate(ctx, episode)
-    pseudo = pseudo_label(ctx, episode, teacher_dir, synthetic)
-    students = {s.name: distill_student(ctx, episode, s, pseudo, synthetic) for s in ctx.config.students}
-    evaluation = evaluate_episode(ctx, episode, teacher_dir, students)
-    if ctx.config.export.enabled:
-        export_students(ctx, episode, students)
-    return {**evaluation, "synthetic": synthetic}
+# ----------------------------------------------------------------------------- report
 
 
-# ----------------------------------------------------------------------------- results
+def report(ctx: RunContext, episodes: list[EpisodeData]) -> dict:
+    """results.json, one result file per model, report.html; returns the results."""
+    from tint.report import summary_lines, write_report
+    from tint.results import collect_results, public_results, write_model_results
 
+    evaluations = [{**evaluate(ctx, ep), "synthetic": synthetic_paths(ctx, ep)} for ep in episodes]
+    results = collect_results(ctx, episodes, evaluations)
+    write_model_results(ctx, results)
+    if ctx.config.report.enabled:
+        start = time.perf_counter()
+        write_report(ctx.run_dir, results, dump_config(ctx.config), ctx.config.report.grid_images)
+        results["timings"]["report"] = round(time.perf_counter() - start, 2)
+    write_json(ctx.run_dir / "results.json", public_results(results))
+    LOGGER.info("results: %s", "; ".join(summary_lines(results)[1:]))
+    return results
 
-def collect_results(ctx: RunContext, episodes: list[EpisodeData], evaluations: list[dict]) -> dict:
-    from tint.evaluation.stats import mean_ci
-
-    models = ["teacher"] + [s.name for s in ctx.config.students]
-    rows = []
-    for episode, evaluation in zip(episodes, evaluations, strict=True):
-        support_png = read_json(episode.folder / DONE)["support_png"]
-        rows.append({
-            "index": episode.index,
-            "classes": episode.classes,
-            "n_query": sum(len(q) for q in episode.query),
-            "accuracy": evaluation["accuracy"],
-            "curves": evaluation.get("curves", {}),
-            "support": [[str(ctx.run_dir / p) for p in row] for row in support_png],
-            "generated": [paths[: ctx.config.report.grid_images] for paths in evaluation["synthetic"]],
-            "_synthetic": evaluation["synthetic"],  # every path; not written to results.json
-        })
-    summary = {}
-    for model in models:
-        accs = [row["accuracy"][model] for row in rows]
-        mean, ci = mean_ci(accs)
-        summary[model] = {"mean": mean, "ci": ci, "n": len(accs)}
-    return {"name": ctx.config.name, "models": models, "episodes": rows, "summary": summary,
-            "timings": stage_timings(ctx)}
-
-
-def _public(results: dict) -> dict:
-    """results without the private (underscore) keys of its episode rows."""
-    rows = [{k: v for k, v in row.items() if not k.startswith("_")} for row in results["episodes"]]
-    return {**results, "episodes": rows}
-
-
-def stage_timings(ctx: RunContext) -> dict[str, float]:
-    """Seconds per stage over the markers this run used (time of the first computation)."""
-    totals = dict.fromkeys(STAGES, 0.0)
-    for marker in ctx.markers.values():
-        totals[marker["stage"]] = totals.get(marker["stage"], 0.0) + float(marker.get("seconds", 0.0))
-    return {stage: round(seconds, 2) for stage, seconds in totals.items()}
-
-
-def _write_model_results(ctx: RunContext, results: dict) -> None:
-    """One tint evaluation result file per model (readable by `tint plan --from-results`)."""
-    from tint.evaluation.evaluate import EvaluationResult, save_result
-
-    for model in results["models"]:
-        accs = [row["accuracy"][model] for row in results["episodes"]]
-        queries = [row["n_query"] for row in results["episodes"]]
-        result = EvaluationResult.from_accuracies(f"{ctx.config.name}/{model}", accs, queries,
-                                                  meta={"run_dir": str(ctx.run_dir)})
-        save_result(ctx.run_dir / "results" / f"{model}.json", result)
-
-
-def _write_report(ctx: RunContext, results: dict) -> None:
-    from tint.report import write_report
-
-    write_report(ctx.run_dir, results, dump_config(ctx.config), ctx.config.report.grid_images)

@@ -139,3 +139,35 @@ def load_labelhalluc_teacher(weights: str | Path, **kwargs) -> LabelHallucTeache
     """Teacher from the weights `pretrain_on_base` wrote (``student.safetensors``)."""
     network, _ = load_student(weights)
     return LabelHallucTeacher(network, **kwargs)
+
+
+# ----------------------------------------------------------------------------- run recipe
+# What the pipeline asks of every teacher module (tint.teachers.recipes).
+
+
+def _arch(run) -> str:
+    return run.config.arch or run.first_student_arch
+
+
+def run_key(run) -> dict:
+    """Everything the base-pretrained network depends on (`run`: a recipes.TeacherInputs)."""
+    cfg = run.config
+    return {"name": cfg.name, "dataset": run.dataset_spec, "resolution": run.resolution,
+            "base_split": run.base_split, "settings": run.settings_key, "arch": _arch(run),
+            "pretrain_iterations": cfg.pretrain_iterations, "base": run.base_items, "seed": run.seed}
+
+
+def train_for_run(run, folder: Path) -> dict:
+    """Cross-entropy pre-training of the student architecture on the base classes."""
+    classes = run.dataset.classes(run.base_split)
+    items = run.base_items
+    labels = torch.tensor([classes.index(run.dataset.class_of(i)) for i in items])
+    source = DistillSource(labels, load=lambda idx: run.dataset.load_tensor([items[i] for i in idx]))
+    config = pretrain_config(run.config.pretrain_iterations, seed=run.seed)
+    config.device = str(run.device)
+    pretrain_on_base(_arch(run), source, folder, config, image_size=run.resolution)
+    return {"weights": "student.safetensors"}
+
+
+def load_for_run(run, folder: Path) -> LabelHallucTeacher:
+    return load_labelhalluc_teacher(folder / "student.safetensors", **run.config.settings)

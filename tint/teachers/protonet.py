@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -330,3 +330,43 @@ def meta_train(teacher: ProtoNetTeacher, base_sampler: EpisodeSampler, epochs: i
     teacher.clear_cache()
     return losses
 
+
+
+# ----------------------------------------------------------------------------- run recipe
+# What the pipeline asks of every teacher module (tint.teachers.recipes): its artifact
+# key, its training on the base classes, and loading the trained teacher.
+
+
+def run_key(run) -> dict:
+    """Everything the meta-trained teacher depends on (`run`: a recipes.TeacherInputs)."""
+    cfg = run.config
+    return {"name": cfg.name, "dataset": run.dataset_spec, "resolution": run.resolution,
+            "base_split": run.base_split, "settings": run.settings_key,
+            "backbone": cfg.backbone, "meta_train": asdict(cfg.meta_train)}
+
+
+def train_for_run(run, folder: Path) -> dict:
+    """Meta-train on base-class episodes (none when meta_train.epochs is 0)."""
+    from tint.teachers import create_teacher
+
+    cfg = run.config
+    teacher = create_teacher("pmf", backbone=cfg.backbone, seed=run.seed,
+                             batch_size=cfg.batch_size, **cfg.settings).to(run.device)
+    mt = cfg.meta_train
+    losses: list[float] = []
+    if mt.epochs > 0 and mt.episodes_per_epoch > 0:
+        sampler = DatasetEpisodeSampler(run.dataset, run.dataset.classes(run.base_split))
+        losses = meta_train(teacher, sampler, epochs=mt.epochs, episodes_per_epoch=mt.episodes_per_epoch,
+                            lr=mt.lr, weight_decay=mt.weight_decay, n_way=mt.n_way, k_shot=mt.k_shot,
+                            n_query=mt.n_query, seed=mt.seed,
+                            checkpoint_path=folder / "checkpoint.safetensors")
+    teacher.save(folder / "teacher.safetensors", {"meta_train_losses": losses})
+    return {"weights": "teacher.safetensors", "final_loss": losses[-1] if losses else None}
+
+
+def load_for_run(run, folder: Path) -> ProtoNetTeacher:
+    from tint.teachers import create_teacher
+
+    cfg = run.config
+    return create_teacher("pmf", backbone=cfg.backbone, weights=folder / "teacher.safetensors",
+                          seed=run.seed, batch_size=cfg.batch_size, **cfg.settings).to(run.device)

@@ -1,0 +1,60 @@
+"""Teachers as the pipeline sees them: a key, a training, a loading, by name.
+
+Each teacher module provides ``run_key(run)``, ``train_for_run(run, folder)`` and
+``load_for_run(run, folder)``; `run` is a `TeacherInputs`. The pipeline keys, trains and
+loads every teacher through these three calls and never branches on a teacher's name.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tint.errors import TintError
+
+# name -> module providing run_key / train_for_run / load_for_run
+RECIPES: dict[str, str] = {
+    "pmf": "tint.teachers.protonet",
+    "labelhalluc": "tint.teachers.labelhalluc",
+}
+
+
+@dataclass
+class TeacherInputs:
+    """What a teacher's training reads: its settings, the dataset and the base pool."""
+
+    config: Any  # tint.config.TeacherConfig
+    dataset: Any  # tint.data.datasets.FewShotDataset
+    dataset_spec: str
+    resolution: int
+    base_split: str
+    base_items: list[str]
+    seed: int
+    first_student_arch: str
+    device: torch.device
+
+    @property
+    def settings_key(self) -> dict:
+        """The settings that differ from their defaults: filling defaults into the config
+        (so config.yaml lists them) must not change the artifact key."""
+        return non_default_settings(self.config.name, self.config.settings)
+
+
+def teacher_recipe(name: str):
+    if name not in RECIPES:
+        raise TintError(f"teacher.name: unknown teacher {name!r}; choose one of {', '.join(RECIPES)}")
+    return importlib.import_module(RECIPES[name])
+
+
+def non_default_settings(name: str, settings: dict) -> dict:
+    try:
+        from tint.teachers import resolve_teacher_settings
+    except ImportError:  # settings not typed: every given value counts
+        return dict(settings)
+    from dataclasses import asdict
+
+    defaults = asdict(resolve_teacher_settings(name, {}))
+    return {k: v for k, v in settings.items() if k not in defaults or defaults[k] != v}
