@@ -97,7 +97,7 @@ def test_episode_file_round_trip_and_validation(dataset, tmp_path: Path) -> None
         load_episodes(path)
 
     stray = Episode(classes=["class_0"], support=[["class_1/img_000.png"]], query=[[]])
-    with pytest.raises(TintError, match="not an item of class 'class_0'"):
+    with pytest.raises(TintError, match="filed under class 'class_0' but belongs to class 'class_1'"):
         check_episodes([stray], dataset)
 
 

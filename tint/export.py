@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import warnings
 from pathlib import Path
 
@@ -154,10 +155,29 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest accepted |onnx - torch| logit difference")
 
 
+def _check_student_file(path: Path) -> None:
+    """A readable safetensors file that names its student architecture, or a TintError
+    saying which file to give (the weights alone cannot say which network they fit)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+    except Exception as err:  # safetensors raises its own error types  # noqa: BLE001
+        raise TintError(f"{path}: not a readable safetensors file ({err}); give the "
+                        "student.safetensors a tint run wrote (artifacts/distill/<key>/)") from err
+    meta = json.loads(raw["tint"]) if "tint" in raw else {}
+    if not isinstance(meta, dict) or "arch" not in meta or "num_classes" not in meta:
+        raise TintError(f"{path}: no student architecture in its metadata, so tint cannot rebuild "
+                        "the network; give a student.safetensors written by `tint run` "
+                        "(artifacts/distill/<key>/student.safetensors)")
+
+
 def run(args: argparse.Namespace) -> int:
     if not args.checkpoint.is_file():
         raise TintError(f"{args.checkpoint}: file not found; give a student.safetensors "
                         "from a distillation run directory")
+    _check_student_file(args.checkpoint)
     model, meta = load_student(args.checkpoint)
     resolution = args.resolution or int(meta.get("image_size") or 84)
     stored = meta.get("image_size")

@@ -21,6 +21,8 @@ machines), or ``file#index`` references. `load_episodes` validates the structure
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,7 @@ import numpy as np
 
 from tint.data.datasets import FewShotDataset
 from tint.errors import TintError
-from tint.io import read_json, write_json
+from tint.io import write_json
 
 FORMAT = "tint-episodes"
 VERSION = 1
@@ -152,11 +154,32 @@ def save_episodes(path: str | Path, episodes: list[Episode], meta: dict) -> None
     )
 
 
+MAKE_ONE = "make one with `tint episodes`"
+
+
+def _read_episode_json(path: Path) -> Any:
+    """The file's JSON. It is the user's own input, not a cache: say what is wrong
+    with it and how to make a valid one, never "delete it to recompute"."""
+    if path.is_dir():
+        raise TintError(f"{path}: is a folder, not an episode file; {MAKE_ONE}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as err:
+        raise TintError(f"{path}: episode file not found; {MAKE_ONE}") from err
+    except UnicodeDecodeError as err:
+        raise TintError(f"{path}: not a text file, so not an episode file; {MAKE_ONE}") from err
+    except json.JSONDecodeError as err:
+        raise TintError(f"{path}: malformed episode file: invalid JSON at line {err.lineno} "
+                        f"column {err.colno} ({err.msg}); fix it or {MAKE_ONE}") from err
+
+
 def load_episodes(path: str | Path) -> tuple[list[Episode], dict]:
     """Read and validate an episode file; returns (episodes, meta)."""
-    data = read_json(path)
+    path = Path(path)
+    data = _read_episode_json(path)
     if not isinstance(data, dict) or data.get("format") != FORMAT:
-        raise TintError(f'{path}: not a tint episode file (missing "format": "{FORMAT}")')
+        raise TintError(f'{path}: not a tint episode file (missing "format": "{FORMAT}"); '
+                        f"{MAKE_ONE}")
     if data.get("version") != VERSION:
         raise TintError(
             f"{path}: episode file version {data.get('version')!r}; this tint reads version {VERSION}"
@@ -167,24 +190,102 @@ def load_episodes(path: str | Path) -> tuple[list[Episode], dict]:
     raw = data.get("episodes")
     if not isinstance(raw, list):
         raise TintError(f"{path}: 'episodes' must be a list")
-    return [validate_episode(ep, f"{path}: episode {i}") for i, ep in enumerate(raw)], meta
+    try:
+        return [validate_episode(ep, f"{path}: episode {i}") for i, ep in enumerate(raw)], meta
+    except TintError as err:
+        raise TintError(f"{err}; fix the file or {MAKE_ONE}") from err
 
 
 def check_episodes(
-    episodes: list[Episode], dataset: FewShotDataset, source: str = "episodes"
+    episodes: list[Episode],
+    dataset: FewShotDataset,
+    source: str = "episodes",
+    base_items: Sequence[str] | None = None,
+    base_split: str | None = None,
 ) -> None:
-    """Every class exists in the dataset and every item belongs to its class."""
-    known_items: dict[str, set[str]] = {}
-    for i, ep in enumerate(episodes):
-        for name, support, query in zip(ep.classes, ep.support, ep.query, strict=True):
+    """Refuse episodes that would be scored against wrong labels or leak into training.
+
+    Every class and item must exist in `dataset`, every item must be filed under its
+    own class, and support and query must not share an item. With `base_items` (the
+    distillation pool of the same run) or `base_split`, `check_not_in_base` also runs.
+    Called on every episode, loaded or sampled, before any work starts.
+    """
+    for i, episode in enumerate(episodes):
+        where = f"{source}: episode {i}"
+        for name in episode.classes:
             if name not in dataset.items:
+                raise TintError(f"{where} names class {name!r}, not in {dataset.name}; "
+                                f"use an episode file made for this dataset ({MAKE_ONE})")
+        for part, groups in (("support", episode.support), ("query", episode.query)):
+            _check_filed_classes(episode, groups, part, dataset, where)
+        _check_disjoint(episode, where)
+    if base_items is not None or base_split is not None:
+        check_not_in_base(episodes, dataset, source, base_items or (), base_split)
+
+
+def _check_filed_classes(episode: Episode, groups: list[list[str]], part: str,
+                         dataset: FewShotDataset, where: str) -> None:
+    """Each item exists and belongs to the class the episode files it under."""
+    owner = _class_index(dataset)
+    for name, group in zip(episode.classes, groups, strict=True):
+        missing = [item for item in group if item not in owner]
+        if missing:
+            raise TintError(f"{where}: {part} item {missing[0]!r} (filed under {name!r}) is not "
+                            f"an item of {dataset.name} ({len(missing)} such items); "
+                            f"use an episode file made for this dataset ({MAKE_ONE})")
+        wrong = [item for item in group if owner[item] != name]
+        if wrong:
+            raise TintError(f"{where}: {part} item {wrong[0]!r} is filed under class {name!r} "
+                            f"but belongs to class {owner[wrong[0]]!r} in {dataset.name} "
+                            f"({len(wrong)} such items in that class); it would be scored "
+                            f"against the wrong label: fix the file or {MAKE_ONE}")
+
+
+def _class_index(dataset: FewShotDataset) -> dict[str, str]:
+    """item id -> class, built once per dataset (it is shared by every check)."""
+    index = getattr(dataset, "_episode_class_index", None)
+    if index is None:
+        index = {item: name for name, items in dataset.items.items() for item in items}
+        dataset._episode_class_index = index  # type: ignore[attr-defined]
+    return index
+
+
+def _check_disjoint(episode: Episode, where: str) -> None:
+    support = {item for group in episode.support for item in group}
+    shared = [item for group in episode.query for item in group if item in support]
+    if shared:
+        raise TintError(f"{where}: query item {shared[0]!r} is also a support item "
+                        f"({len(shared)} such items); support and query must be disjoint")
+
+
+def check_not_in_base(
+    episodes: list[Episode],
+    dataset: FewShotDataset,
+    source: str,
+    base_items: Sequence[str],
+    base_split: str | None = None,
+) -> None:
+    """Refuse episodes whose classes are base classes, or whose images are in the base
+    pool: the teacher meta-trains and the students distil on those, so accuracy on
+    such queries measures memory, not few-shot learning."""
+    base_classes = set(dataset.classes(base_split)) if base_split is not None else set()
+    split_hint = f"data.base_split={base_split!r}" if base_split is not None else "the base split"
+    for i, episode in enumerate(episodes):
+        overlap = [name for name in episode.classes if name in base_classes]
+        if overlap:
+            raise TintError(
+                f"{source}: episode {i} evaluates class(es) {', '.join(map(repr, overlap))}, "
+                f"which are base classes ({split_hint}) the teacher and students train on; "
+                "evaluate on other classes (e.g. data.split=novel) or choose another "
+                "data.base_split"
+            )
+    pool = set(base_items)
+    for i, episode in enumerate(episodes):
+        for part, groups in (("support", episode.support), ("query", episode.query)):
+            leaked = [item for group in groups for item in group if item in pool]
+            if leaked:
                 raise TintError(
-                    f"{source}: episode {i} names class {name!r}, not in {dataset.name}"
-                )
-            known = known_items.setdefault(name, set(dataset.items[name]))
-            stray = [item for item in support + query if item not in known]
-            if stray:
-                raise TintError(
-                    f"{source}: episode {i}: {stray[0]!r} is not an item of class {name!r} "
-                    f"in {dataset.name} ({len(stray)} such items)"
+                    f"{source}: episode {i}: {part} image {leaked[0]!r} is also in the "
+                    f"distillation pool of this run ({len(leaked)} such images); evaluate "
+                    "on classes outside data.base_split (e.g. data.split=novel)"
                 )

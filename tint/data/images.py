@@ -20,18 +20,22 @@ idx, CIFAR python pickle, read safely by `tint.data.arrays`).
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
 
 from tint.errors import TintError
 from tint.io import atomic_path
 
 FITS = ("crop", "pad", "stretch")
+NEARLY_CONSTANT_STD = 1.0  # pixel std below one grey level (1/255 of the range): warn
+LOGGER = logging.getLogger("tint")
+_WARNED: set[str] = set()  # files already warned about in this process
 RESAMPLE = Image.Resampling.BICUBIC
 
 
@@ -150,7 +154,30 @@ def load_image(
 
         img = read_array_image(file, index)
     img = to_rgb(img, crop_alpha=crop_alpha)
-    return img if resolution is None else fit_square(img, resolution, fit)
+    img = img if resolution is None else fit_square(img, resolution, fit)
+    warn_if_nearly_constant(img, path_or_ref)
+    return img
+
+
+def warn_if_nearly_constant(img: Image.Image, name: str | Path) -> bool:
+    """Log a warning (once per file) for an image with almost no contrast.
+
+    A JPEG whose data is damaged can decode without error to a flat grey or black
+    image; trained on or scored as a real example it silently poisons a run. The
+    std of every channel is below one grey level (1/255 of the range) only for such
+    images or deliberately blank ones, so this never fires on real photos or clip-art.
+    """
+    stats = ImageStat.Stat(img)  # from the histogram: cheap even for large images
+    std = max(stats.stddev)
+    if std >= NEARLY_CONSTANT_STD:
+        return False
+    key = str(name)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        LOGGER.warning("%s: image is nearly constant (pixel std %.2f of 255, mean %.0f); a "
+                       "damaged or blank file? check it or remove it from the data", key, std,
+                       sum(stats.mean) / len(stats.mean))
+    return True
 
 
 def to_tensor(images: Image.Image | Sequence[Image.Image]) -> torch.Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import math
+from statistics import NormalDist
 
 from tint.errors import TintError
 from tint.evaluation.evaluate import load_result
@@ -31,6 +32,7 @@ from tint.evaluation.stats import (
 
 # Section 3.3 of the paper, as printed.
 PAPER_LABELHALLUC = {"a": 0.87, "sigma": 0.05, "P": 600, "Q_printed": 25, "Q_usual": 75}
+MAX_EPISODES = 10**9  # beyond this a "plan" only overflows floats (and scipy's int types)
 PAPER_TINT = {"a": 0.93, "sigma": 0.028, "Q": 5 * 595, "target_printed": 7e-6, "P_printed": 118}
 
 
@@ -62,6 +64,13 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _validate_common(args: argparse.Namespace) -> None:
+    for option in ("accuracy", "sigma", "target_variance", "target_ci", "confidence"):
+        value = getattr(args, option)
+        if value is not None and not math.isfinite(value):
+            raise TintError(f"--{option.replace('_', '-')} must be a finite number; got {value}")
+    if args.episodes is not None and args.episodes > MAX_EPISODES:
+        raise TintError(f"--episodes {args.episodes}: more than {MAX_EPISODES:.0e} episodes is "
+                        "not a plan; give a realistic number")
     if not 0 < args.confidence < 1:
         raise TintError(f"--confidence must be in (0, 1), e.g. 0.95; got {args.confidence}")
     if args.queries is not None and args.queries < 1:
@@ -108,6 +117,10 @@ def _describe(a: float, sigma: float, P: int, Q: float, confidence: float, large
     eq6, eq7 = estimator_variance(a, sigma, P, Q), estimator_variance_large_q(a, sigma, P, Q)
     half_t = ci_half_width_from_variance(var, P, confidence, "t")
     half_n = ci_half_width_from_variance(var, P, confidence, "normal")
+    _check_finite_output({"variance": var, "Eq. 6 variance": eq6, "Eq. 7 variance": eq7,
+                          "CI half-width": half_n})
+    if P >= 2:
+        _check_finite_output({"Student-t CI half-width": half_t})
     level = f"{100 * confidence:g}%"
     if math.isinf(half_t):
         t_text = "n/a (Student-t needs P >= 2)"
@@ -127,10 +140,41 @@ def _row(label: str, value: str) -> str:
 
 
 def _solve(a: float, sigma: float, Q: float, args: argparse.Namespace) -> int:
+    _check_reachable(a, sigma, Q, args)
     return episodes_needed(
         a, sigma, Q, target_variance=args.target_variance, target_ci=args.target_ci,
         confidence=args.confidence, large_q=args.large_q,
     )
+
+
+def _check_reachable(a: float, sigma: float, Q: float, args: argparse.Namespace) -> None:
+    """Refuse a target that needs an astronomical P, before floats overflow to inf/NaN.
+
+    P is at least v/target (variance) or v z^2/ci^2 (CI), v the per-episode variance;
+    computed in log space, since 1e-200 squared is already 0.0 in floating point.
+    """
+    v = (estimator_variance_large_q(a, sigma, 1, Q) if args.large_q
+         else per_episode_variance(a, sigma, Q))
+    if v <= 0:
+        return  # a = 0 or 1 with sigma = 0: one episode is exact
+    if args.target_variance is not None:
+        option, value = "--target-variance", args.target_variance
+        log_p = math.log10(v) - math.log10(value)
+    else:
+        option, value = "--target-ci", args.target_ci
+        z = NormalDist().inv_cdf(0.5 + args.confidence / 2)
+        log_p = math.log10(v) + 2 * math.log10(z) - 2 * math.log10(value)
+    if log_p > math.log10(MAX_EPISODES):
+        raise TintError(f"{option} {value!r}: reaching it needs about 10^{log_p:.0f} episodes "
+                        f"(more than {MAX_EPISODES:.0e}); ask for a larger target")
+
+
+def _check_finite_output(values: dict[str, float]) -> None:
+    """Never print NaN/inf: they mean an input outside what Theorem 1 covers."""
+    bad = [name for name, value in values.items() if not math.isfinite(value)]
+    if bad:
+        raise TintError(f"the inputs give a non-finite {', '.join(bad)}; check --accuracy, "
+                        "--sigma, --queries and --episodes")
 
 
 def _target_text(args: argparse.Namespace) -> str:
