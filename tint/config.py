@@ -316,10 +316,18 @@ def dump_config(config: RunConfig) -> str:
 
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise TintError(f"{path}: is a folder, not a config file; give a YAML file "
+                        "such as configs/tiny.yaml")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise TintError(f"{path}: config file not found") from err
+    except UnicodeDecodeError as err:
+        raise TintError(f"{path}: not a text file (byte {err.start} is not UTF-8); "
+                        "give a YAML config such as configs/tiny.yaml") from err
+    except OSError as err:
+        raise TintError(f"{path}: cannot read the config ({err.strerror or err})") from err
     except yaml.YAMLError as err:
         raise TintError(f"{path}: not valid YAML ({err})") from err
     if data is None:
