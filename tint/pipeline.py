@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from tint.config import RunConfig, StudentConfig, dump_config, save_resolved
+from tint.config import RunConfig, StudentConfig, dump_config
 from tint.engine import (
     DONE,
     NonFiniteError,
@@ -69,23 +69,28 @@ __all__ = [
 
 
 def run_pipeline(config: RunConfig, store: str | Path | None = None,
-                 hooks: dict[str, Callable[..., None]] | None = None) -> dict:
-    """Run (or resume) every stage of `config`; return the results dict (results.json)."""
+                 hooks: dict[str, Callable[..., None]] | None = None,
+                 allow_config_change: bool = False) -> dict:
+    """Run (or resume) every stage of `config`; return the results dict (results.json).
+
+    The run dir is locked for the whole run and must hold this config's results or none
+    (tint.rundir; `allow_config_change` replaces another config's results)."""
+    from tint.rundir import claim_run_dir
+
     validate_components(config)  # before anything is written
     ctx = make_context(config, store, hooks)
-    ctx.run_dir.mkdir(parents=True, exist_ok=True)
-    handler = _attach_log(ctx.run_dir / "log.txt")
-    try:
-        set_threads(config.threads)
-        save_resolved(config, ctx.run_dir / "config.yaml")
-        LOGGER.info("tint run %s -> %s (device %s)", config.name, ctx.run_dir, ctx.device)
-        episodes = prepare(ctx)
-        units = plan_units(ctx, episodes)
-        execute(ctx, episodes, units)
-        return report(ctx, episodes)
-    finally:
-        LOGGER.removeHandler(handler)
-        handler.close()
+    with claim_run_dir(ctx.run_dir, dump_config(config), allow_config_change):
+        handler = _attach_log(ctx.run_dir / "log.txt")
+        try:
+            set_threads(config.threads)
+            LOGGER.info("tint run %s -> %s (device %s)", config.name, ctx.run_dir, ctx.device)
+            episodes = prepare(ctx)
+            units = plan_units(ctx, episodes)
+            execute(ctx, episodes, units)
+            return report(ctx, episodes)
+        finally:
+            LOGGER.removeHandler(handler)
+            handler.close()
 
 
 def execute(ctx: RunContext, episodes: list[EpisodeData], units: list[Unit]) -> None:
@@ -320,8 +325,14 @@ def _flatten(rows: list[list[str]]) -> tuple[list[str], list[int]]:
 
 def prepare(ctx: RunContext) -> list[EpisodeData]:
     """Episodes from the episode file (or sampled), the base pool, support PNGs."""
+    from tint.data.episodes import check_episodes
+
     episodes = _load_or_sample_episodes(ctx)
     base = select_base_items(ctx)
+    cfg = ctx.config.data
+    source = cfg.episodes or f"episodes sampled from data.split={cfg.split!r}"
+    check_episodes(episodes, ctx.dataset, source, base_items=base,
+                   base_split=cfg.base_split)  # before any stage runs
     prepared = []
     for index, episode in enumerate(episodes):
         folder = ctx.run_dir / "episodes" / f"ep{index:03d}"

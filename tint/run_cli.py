@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set distill.iterations=200 (repeatable)")
     add_execution_arguments(parser)
+    parser.add_argument("--allow-config-change", action="store_true",
+                        help="reuse a run dir that holds another config's results: replace them "
+                             "(finished artifacts are kept and reused)")
     parser.add_argument("--print-config", action="store_true",
                         help="print the fully resolved config and exit without running")
 
@@ -58,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
     console.setFormatter(logging.Formatter("tint: %(message)s"))
     LOGGER.addHandler(console)
     try:
-        results = run_pipeline(config)
+        results = run_pipeline(config, allow_config_change=args.allow_config_change)
     finally:
         LOGGER.removeHandler(console)
     print("\n".join(summary_lines(results)))
