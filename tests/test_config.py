@@ -61,7 +61,7 @@ def test_shipped_experiments_validate(path):
         ({"students": [{"name": "a", "sources": ["base", "laion"]}]}, "students[0].sources[1]"),
         ({"students": {"name": "a"}}, "students: expected list"),
         ({"bogus": 1}, "bogus: unknown key"),
-        ({"data": {"n_way": 0}}, "data.n_way: must be > 0"),
+        ({"data": {"n_way": 0}}, "data.n_way: must be >= 1"),
         ({"students": []}, "students: list at least one"),
         ({"students": [{"name": "a"}, {"name": "a"}]}, "students[1].name"),
         ({"generator": {"images_per_class": -1}}, "generator.images_per_class: must be >= 0"),
@@ -87,7 +87,9 @@ def test_set_overrides_nested_keys_lists_and_free_form_settings():
     assert config.distill.lr == 0.05
     assert config.students[1].arch == "resnet12" and config.students[0].arch == "conv4"
     assert config.data.first_episodes is None
-    assert config.generator.specialize == {"ti_steps": 7}
+    assert config.generator.specialize["ti_steps"] == 7
+    # every other setting of the generator is filled in with its default
+    assert config.generator.specialize["ti_t_min"] == 250 and config.generator.generate["alpha"] == 1.0
     assert config.distill.sources == ("base", "support")
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import tint.generators.base as generator_base
 import tint.generators.tint as tint_gen
 from tint.diffusion.backbone import build_tiny_backbone
 from tint.diffusion.ddim import ddim_invert, ddim_sample
@@ -208,7 +209,7 @@ def test_resume_makes_exactly_the_missing_images(backbone, artifact, tmp_path, m
 def test_kill_mid_batch_leaves_nothing_half_written(backbone, artifact, tmp_path, monkeypatch):
     out = tmp_path / "gen"
     calls = {"n": 0}
-    real = tint_gen.write_image
+    real = generator_base.write_image
 
     def dying_write(path, x01):
         calls["n"] += 1
@@ -216,12 +217,12 @@ def test_kill_mid_batch_leaves_nothing_half_written(backbone, artifact, tmp_path
             raise KeyboardInterrupt  # the process is killed while writing image 3
         return real(path, x01)
 
-    monkeypatch.setattr(tint_gen, "write_image", dying_write)
+    monkeypatch.setattr(generator_base, "write_image", dying_write)
     with pytest.raises(KeyboardInterrupt):
         generate(backbone, artifact, 6, out, seed=0, settings={"batch_size": 2, "progress": False})
     assert completed_indices(out, "cat") == {0, 1}
     assert not list(out.rglob("*.tmp"))
-    monkeypatch.setattr(tint_gen, "write_image", real)
+    monkeypatch.setattr(generator_base, "write_image", real)
     paths = generate(backbone, artifact, 6, out, seed=0, settings={"batch_size": 2,
                                                                    "progress": False})
     assert len(paths) == 6 and len(read_manifest(out)) == 6

@@ -7,14 +7,17 @@ key and type *before any work starts*, so a typo fails in a second with the key 
 config (every default filled in) is written beside the results, and loading that file
 gives back an identical config: a run directory always says exactly what produced it.
 
-Free-form ``settings`` mappings are handed to the component that owns them (generator,
-teacher); that component validates them in `tint.pipeline` before any work starts.
+The component settings (``generator.specialize``, ``generator.generate``,
+``teacher.settings``) are typed by the component that owns them (its settings dataclass,
+`tint.generators.resolve_settings`, `tint.teachers.resolve_teacher_settings`); they are
+resolved here too, so they are coerced, range-checked and written out with every default.
+The rules (types via `tint.settings`, ranges via each section's ``RANGES`` and
+``validate``) are listed in docs/pipeline.md, "Config".
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -24,6 +27,17 @@ from typing import Any, Literal
 import yaml
 
 from tint.errors import TintError
+from tint.settings import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+    Settings,
+    check_interval,
+    check_ranges,
+    from_mapping,
+    plain,
+)
 from tint.students.distill import DistillConfig
 
 DEMO_CONFIG = "demo.yaml"  # packaged under tint/configs/
@@ -32,7 +46,7 @@ Source = Literal["base", "synthetic", "support"]
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Settings):
     """Which images: the dataset, the episodes (a file or sampled), the base-class pool."""
 
     dataset: str = "openclipart"
@@ -52,23 +66,31 @@ class DataConfig:
     min_base_classes: int = 2
     min_base_images: int = 10
 
+    RANGES = {"resolution": AT_LEAST_ONE, "first_episodes": AT_LEAST_ONE, "n_way": AT_LEAST_ONE,
+              "k_shot": AT_LEAST_ONE, "n_query": NON_NEGATIVE, "n_episodes": AT_LEAST_ONE,
+              "base_images_per_class": AT_LEAST_ONE, "min_base_classes": NON_NEGATIVE,
+              "min_base_images": NON_NEGATIVE}
+
 
 @dataclass
-class GeneratorConfig:
+class GeneratorConfig(Settings):
     """How synthetic images are made (`tint.generators`); name "none" switches it off."""
 
     name: str = "tint"
     backbone: str = "tint-clipart"  # "tiny", "tint-clipart", a local path or a hub id
     images_per_class: int = 100
     seed: int = 0
-    # The generator's own SpecializeSettings / GenerateSettings fields (see its module).
-    # Kept apart so that one specialisation serves every generation setting.
+    # The generator's own SpecializeSettings / GenerateSettings fields (see its module and
+    # docs/generators.md). Kept apart so that one specialisation serves every generation
+    # setting. Plain mappings, filled with every default of the generator when loaded.
     specialize: dict[str, Any] = field(default_factory=dict)
     generate: dict[str, Any] = field(default_factory=dict)
 
+    RANGES = {"images_per_class": NON_NEGATIVE}
+
 
 @dataclass
-class MetaTrainConfig:
+class MetaTrainConfig(Settings):
     """P>M>F meta-training on base-class episodes (paper: 100 epochs x 400 episodes)."""
 
     epochs: int = 1  # 0: no meta-training (the pretrained backbone as is)
@@ -80,9 +102,13 @@ class MetaTrainConfig:
     n_query: int = 15
     seed: int = 0
 
+    RANGES = {"epochs": NON_NEGATIVE, "episodes_per_epoch": NON_NEGATIVE, "lr": POSITIVE,
+              "weight_decay": NON_NEGATIVE, "n_way": Range(2), "k_shot": AT_LEAST_ONE,
+              "n_query": AT_LEAST_ONE}
+
 
 @dataclass
-class TeacherConfig:
+class TeacherConfig(Settings):
     """The few-shot teacher that pseudo-labels base and synthetic images."""
 
     name: str = "pmf"  # "pmf" | "labelhalluc"
@@ -93,9 +119,16 @@ class TeacherConfig:
     arch: str | None = None  # labelhalluc network; None: the first student's arch
     pretrain_iterations: int = 2000  # labelhalluc: CE pre-training steps on base classes
     batch_size: int = 64  # images per forward pass when embedding
-    # Keyword arguments of the teacher class (pmf: scale, finetune_steps, finetune_lr;
-    # labelhalluc: C, max_iter).
+    # The teacher's own settings dataclass (tint.teachers.settings: pmf: scale,
+    # finetune_steps, finetune_lr; labelhalluc: C, max_iter, batch_size, augment_copies,
+    # seed). A plain mapping, filled with every default of the teacher when loaded.
     settings: dict[str, Any] = field(default_factory=dict)
+
+    RANGES = {"pretrain_iterations": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE}
+
+    def validate(self, path: str = "") -> None:
+        super().validate(path)
+        self.meta_train.validate(f"{path}.meta_train")
 
 
 @dataclass
@@ -117,7 +150,7 @@ class ExportConfig:
 
 
 @dataclass
-class ExecutorConfig:
+class ExecutorConfig(Settings):
     """Where units of work run (`--executor`); execution only, never part of an artifact key."""
 
     name: Literal["local", "ray"] = "local"
@@ -132,11 +165,21 @@ class ExecutorConfig:
     cpus: float = 1.0  # CPUs per unit
     threads: int = 1  # torch threads inside each worker
 
+    RANGES = {"max_in_flight": AT_LEAST_ONE, "max_retries": NON_NEGATIVE, "cpus": POSITIVE,
+              "threads": AT_LEAST_ONE}
+
+    def validate(self, path: str = "") -> None:
+        super().validate(path)
+        for stage, gpus in self.gpus.items():
+            NON_NEGATIVE.check(f"{path}.gpus.{stage}", gpus)
+
 
 @dataclass
-class ReportConfig:
+class ReportConfig(Settings):
     enabled: bool = True
     grid_images: int = 8  # generated images shown per class
+
+    RANGES = {"grid_images": NON_NEGATIVE}
 
 
 def _default_students() -> list[StudentConfig]:
@@ -170,144 +213,34 @@ class RunConfig:
     executor: ExecutorConfig = field(default_factory=ExecutorConfig)
 
 
-# ----------------------------------------------------------------------------- typing
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (types.UnionType, typing.Union):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin in (list, tuple):
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if origin is dict:
-        return "mapping"
-    if tp is type(None):
-        return "null"
-    if tp is Any:
-        return "any"
-    if dataclasses.is_dataclass(tp):
-        return "mapping"
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, path: str) -> Any:
-    """Return `value` as type `tp` or raise TintError naming `path`."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (types.UnionType, typing.Union):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        options = [a for a in args if a is not type(None)]
-        if len(options) == 1:  # `X | None`: X's own error is the most precise
-            try:
-                return _coerce(value, options[0], path)
-            except TintError as err:
-                if value is None or str(err).startswith(f"{path}: expected"):
-                    raise _type_error(path, tp, value) from err
-                raise
-        for arg in options:
-            try:
-                return _coerce(value, arg, path)
-            except TintError:
-                continue
-        raise _type_error(path, tp, value)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise _type_error(path, tp, value)
-    if origin is list:
-        if not isinstance(value, list):
-            raise _type_error(path, tp, value)
-        (item_tp,) = typing.get_args(tp)
-        return [_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value)]
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if not isinstance(value, (list, tuple)):
-            raise _type_error(path, tp, value)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{path}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise TintError(f"{path}: expected {len(args)} values, got {list(value)!r}")
-        return tuple(_coerce(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise _type_error(path, tp, value)
-        return {str(k): v for k, v in value.items()}
-    if dataclasses.is_dataclass(tp):
-        return _from_dict(tp, value, path)
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _type_error(path, tp, value)
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise _type_error(path, tp, value)
-    if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-3" as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise _type_error(path, tp, value)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _type_error(path, tp, value)
-    raise TypeError(f"config.py: unsupported field type {tp!r} at {path}")
-
-
-def _type_error(path: str, tp: Any, value: Any) -> TintError:
-    return TintError(f"{path}: expected {_type_name(tp)}, got {value!r}")
-
-
-def _from_dict(cls: type, data: Any, path: str) -> Any:
-    """Build dataclass `cls` from a mapping, rejecting unknown keys and wrong types."""
-    where = path or "config"
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise TintError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = [str(k) for k in data if k not in fields]
-    if unknown:
-        key = f"{path}.{unknown[0]}" if path else unknown[0]
-        raise TintError(f"{key}: unknown key; valid keys here: {', '.join(fields)}")
-    kwargs = {
-        name: _coerce(value, hints[name], f"{path}.{name}" if path else name)
-        for name, value in data.items()
-    }
-    return cls(**kwargs)
-
-
 # ----------------------------------------------------------------------------- public API
 
 
 def config_from_dict(data: dict | None) -> RunConfig:
-    """Validate a plain mapping (as read from YAML) into a RunConfig."""
-    config = _from_dict(RunConfig, data, "")
+    """Validate a plain mapping (as read from YAML) into a RunConfig: types, ranges, the
+    component settings (resolved with their defaults), devices and model paths."""
+    config = from_mapping(RunConfig, data, "")
     check_values(config)
+    resolve_components(config)
     return config
+
+
+def resolve_components(config: RunConfig) -> None:
+    """Replace the generator's and the teacher's settings mappings by their resolved form:
+    every field of the component's settings dataclass, coerced and range-checked."""
+    from tint.generators import resolve_settings
+    from tint.teachers import resolve_teacher_settings
+
+    gen = config.generator
+    specialize, generate = resolve_settings(gen.name, gen.specialize, gen.generate)
+    gen.specialize, gen.generate = plain(specialize), plain(generate)
+    teacher = resolve_teacher_settings(config.teacher.name, config.teacher.settings)
+    config.teacher.settings = plain(teacher)
 
 
 def config_to_dict(config: Any) -> dict:
     """The fully resolved config as plain data (every default filled in; tuples as lists)."""
-    return _plain(dataclasses.asdict(config))
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
+    return plain(config)
 
 
 def dump_config(config: RunConfig) -> str:
@@ -420,6 +353,10 @@ def _default_raw(cls: Any) -> Any:
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Read a config (None: the packaged demo), apply overrides, validate everything."""
     data = yaml.safe_load(demo_config_text()) if path is None else read_yaml(path)
+    if path is not None and not data:
+        raise TintError(f"{path}: the config is empty, which would start the paper-size run "
+                        "with every default; give a config with at least one key (`tint run "
+                        "--print-config` prints the demo's), or no config for the demo")
     data = data or {}
     for assignment in overrides or []:
         data = apply_override(data, assignment)
@@ -435,37 +372,31 @@ def save_resolved(config: RunConfig, path: str | Path) -> None:
 # ----------------------------------------------------------------------------- value checks
 
 
+# Range rules of the distillation loop (tint.students.distill.DistillConfig, paper B.4).
+DISTILL_RANGES = {
+    "iterations": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE, "temperature": POSITIVE,
+    "lr": POSITIVE, "momentum": Range(0, 1, high_open=True), "weight_decay": NON_NEGATIVE,
+    "lr_drop_at": NON_NEGATIVE, "lr_drop_factor": Range(0, 1, low_open=True),
+    "eval_every": AT_LEAST_ONE, "checkpoint_every": AT_LEAST_ONE, "log_every": AT_LEAST_ONE,
+    "repeats": AT_LEAST_ONE,
+}
+
+
 def check_values(config: RunConfig) -> None:
     """Range checks that types cannot express; each names its key."""
-    positive = {
-        "data.resolution": config.data.resolution,
-        "data.n_way": config.data.n_way,
-        "data.k_shot": config.data.k_shot,
-        "data.n_episodes": config.data.n_episodes,
-        "teacher.meta_train.n_way": config.teacher.meta_train.n_way,
-        "teacher.meta_train.k_shot": config.teacher.meta_train.k_shot,
-        "teacher.batch_size": config.teacher.batch_size,
-        "distill.iterations": config.distill.iterations,
-        "distill.batch_size": config.distill.batch_size,
-        "distill.eval_every": config.distill.eval_every,
-        "distill.checkpoint_every": config.distill.checkpoint_every,
-        "distill.temperature": config.distill.temperature,
-    }
-    for key, value in positive.items():
-        if value <= 0:
-            raise TintError(f"{key}: must be > 0, got {value}")
-    non_negative = {
-        "generator.images_per_class": config.generator.images_per_class,
-        "teacher.meta_train.epochs": config.teacher.meta_train.epochs,
-        "teacher.meta_train.episodes_per_epoch": config.teacher.meta_train.episodes_per_epoch,
-        "distill.lr": config.distill.lr,
-        "distill.weight_decay": config.distill.weight_decay,
-    }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise TintError(f"{key}: must be >= 0, got {value}")
-    if config.data.first_episodes is not None and config.data.first_episodes <= 0:
-        raise TintError(f"data.first_episodes: must be > 0 or null, got {config.data.first_episodes}")
+    for section in ("data", "generator", "teacher", "executor", "report"):
+        getattr(config, section).validate(section)
+    check_ranges(config.distill, "distill", DISTILL_RANGES)
+    check_interval("distill.crop_scale", config.distill.crop_scale, Range(0, 1, low_open=True))
+    check_interval("distill.crop_ratio", config.distill.crop_ratio, POSITIVE)
+    AT_LEAST_ONE.check("threads", config.threads)
+    check_device("device", config.device, allow_auto=True)
+    check_device("distill.device", config.distill.device)
+    check_model_paths(config)
+    check_students(config)
+
+
+def check_students(config: RunConfig) -> None:
     if not config.students:
         raise TintError("students: list at least one student to distil")
     names = [s.name for s in config.students]
@@ -476,3 +407,43 @@ def check_values(config: RunConfig) -> None:
             raise TintError(f"students[{i}].name: {student.name!r} is used twice; names must differ")
         if not student.name.replace("-", "").replace("_", "").isalnum():
             raise TintError(f"students[{i}].name: use letters, digits, '-' or '_' ({student.name!r})")
+
+
+def check_device(key: str, value: str, allow_auto: bool = False) -> None:
+    """A torch device this machine has: ``cuda`` without CUDA fails here, not mid-run."""
+    if allow_auto and value == "auto":
+        return
+    import torch
+
+    try:
+        device = torch.device(value)
+    except (RuntimeError, TypeError) as err:
+        choices = "auto, cpu, cuda or cuda:N" if allow_auto else "cpu, cuda or cuda:N"
+        raise TintError(f"{key}: {value!r} is not a device; use {choices}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise TintError(f"{key}: {value} asked for, but CUDA is not available on this "
+                            f"machine; use {'auto or ' if allow_auto else ''}cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise TintError(f"{key}: {value} asked for, but this machine has "
+                            f"{torch.cuda.device_count()} CUDA device(s)")
+    elif device.type != "cpu":
+        raise TintError(f"{key}: {value!r} is not supported; use cpu or cuda")
+
+
+def looks_like_path(spec: str) -> bool:
+    """A model spec meant as a local path (not a name such as "tiny", nor a hub id "org/name")."""
+    if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        return True
+    return "/" in spec and Path(spec.split("/")[0]).expanduser().is_dir()
+
+
+def check_model_paths(config: RunConfig) -> None:
+    """A backbone given as a path must exist now, not when its stage starts an hour later."""
+    specs = {"teacher.backbone": config.teacher.backbone.removeprefix("vit:")}
+    if config.generator.name != "none":
+        specs["generator.backbone"] = config.generator.backbone
+    for key, spec in specs.items():
+        if looks_like_path(spec) and not Path(spec).expanduser().exists():
+            raise TintError(f"{key}: {spec} does not exist; give an existing model folder "
+                            "(or a name: see docs/pipeline.md, \"Config\")")

@@ -19,27 +19,57 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping
-from dataclasses import asdict, fields, is_dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field, is_dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from PIL import Image
+from tqdm.auto import tqdm
 
+from tint.diffusion.bridge import PAPER_STEPS
 from tint.errors import TintError
 from tint.io import atomic_path, load_tensors, save_tensors
+from tint.settings import (
+    AT_LEAST_ONE,
+    NON_NEGATIVE,
+    POSITIVE,
+    Range,
+    Settings,
+    join,
+    resolve,
+)
 
 MANIFEST_NAME = "manifest.jsonl"
 ARTIFACT_FORMAT = "tint-specialization"
 ARTIFACT_VERSION = 1
+TRAIN_TIMESTEPS = 1000  # every supported backbone trains on t in [0, 1000)
 
 
 class Generator(Protocol):
-    """The interface `create_generator(name)` returns (a module satisfies it)."""
+    """The whole contract of a generator module (`create_generator(name)` returns one).
+
+    - ``NAME``: the registry name, recorded in every artifact and manifest row;
+    - ``SpecializeSettings`` / ``GenerateSettings``: `Settings` dataclasses whose fields are
+      the config keys ``generator.specialize.*`` / ``generator.generate.*``; each checks its
+      ranges in ``validate(path)``, and the run config resolves them when it loads;
+    - ``REQUIRED_TENSORS``: what an artifact of this generator must hold to count as complete;
+    - ``MAY_RETURN_FEWER``: True when ``generate`` may make fewer images than asked (a capped
+      source such as real-data mining); the pipeline then uses what there is;
+    - ``specialize(backbone, class_name, support [K,3,r,r] in [0,1], out_dir, settings)``
+      writes one artifact for the class, atomically and last, and returns its path;
+    - ``generate(backbone, artifact_path, n_images, out_dir, seed, settings)`` makes the
+      images 0..n_images-1 that are not done yet (each from its own RNG, see `image_rng`) and
+      returns the finished paths in index order.
+    """
 
     NAME: str
+    SpecializeSettings: type
+    GenerateSettings: type
+    REQUIRED_TENSORS: tuple[str, ...]
+    MAY_RETURN_FEWER: bool
 
     def specialize(self, backbone: Any, class_name: str, support: torch.Tensor,
                    out_dir: str | Path, settings: Any = None) -> Path: ...
@@ -49,22 +79,85 @@ class Generator(Protocol):
 
 
 # ---------------------------------------------------------------------------------------------
-# Settings
+# Settings shared by several generators (config keys stay flat: a subclass adds fields)
 
 
-def settings_from(cls: type, settings: Any) -> Any:
-    """Accept None, a dataclass instance or a mapping (e.g. from a YAML config)."""
-    if settings is None:
-        return cls()
-    if isinstance(settings, cls):
-        return settings
-    if isinstance(settings, Mapping):
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(settings) - known)
-        if unknown:
-            raise TintError(f"{cls.__name__}: unknown setting(s) {unknown}; known: {sorted(known)}")
-        return cls(**settings)
-    raise TintError(f"{cls.__name__}: expected a mapping or {cls.__name__}, got {type(settings).__name__}")
+@dataclass
+class BridgeSettings(Settings):
+    """What every diffusion specialisation shares: the sampling defaults it stores in the
+    artifact and the resolution bridge from dataset images to the model (docs/diffusion.md)."""
+
+    num_steps: int = 50  # DDIM steps used at generation
+    guidance: float = 7.5
+    super_resolver: str | None = None  # None: bilinear only; see tint/diffusion/bridge.py
+    bridge_steps: Sequence[int | str] = field(default_factory=lambda: list(PAPER_STEPS))
+    dataset_resolution: int | None = None  # None: the supports' size
+    progress: bool = True
+    backbone: str | None = None  # provenance: the spec the backbone was loaded from
+
+    RANGES = {"num_steps": AT_LEAST_ONE, "guidance": NON_NEGATIVE,
+              "dataset_resolution": AT_LEAST_ONE}
+
+
+@dataclass
+class TISettings(BridgeSettings):
+    """Textual inversion of the class word (Gal et al.), shared by tint, plain TI and
+    DA-Fusion. Defaults = the "Plain TI" row: full timestep range [0, 1000)."""
+
+    template: str = "a photo of an {}"  # the class token goes into the {}
+    token: str | None = None  # None: "<GENERATOR-class>"
+    init_word: str = "object"
+    ti_steps: int = 5000
+    ti_lr: float = 1e-3
+    ti_t_min: int = 0  # 0: standard TI over [0, T); 250: the paper's limited range
+    ti_batch_size: int = 1
+    ti_grad_accum: int = 1
+    store_support: bool = True  # keep the bridged supports in the artifact
+    seed: int = 0  # TI timestep/noise draws
+
+    RANGES = {**BridgeSettings.RANGES, "ti_steps": AT_LEAST_ONE, "ti_lr": POSITIVE,
+              "ti_t_min": Range(0, TRAIN_TIMESTEPS, high_open=True),
+              "ti_batch_size": AT_LEAST_ONE, "ti_grad_accum": AT_LEAST_ONE}
+
+    def validate(self, path: str = "") -> None:
+        super().validate(path)
+        if "{}" not in self.template:
+            raise TintError(f"{join(path, 'template')}: must contain '{{}}' where the class "
+                            f"token goes, got {self.template!r}")
+
+
+@dataclass
+class SamplingSettings(Settings):
+    """Generation knobs every sampler shares. `batch_size` is a memory setting: it never
+    changes an image."""
+
+    batch_size: int = 8
+    resolution: int | None = None  # None: the artifact's dataset resolution
+    guidance: float | None = None  # None: the artifact's
+    progress: bool = True
+
+    RANGES = {"batch_size": AT_LEAST_ONE, "resolution": AT_LEAST_ONE, "guidance": NON_NEGATIVE}
+
+
+@dataclass
+class PromptSamplingSettings(SamplingSettings):
+    """Sampling from a learned word against an ordinary negative prompt (plain TI, DA-Fusion)."""
+
+    num_steps: int | None = None  # None: the artifact's
+    negative_prompt: str = ""  # the ordinary unconditional prompt of CFG
+
+    RANGES = {**SamplingSettings.RANGES, "num_steps": AT_LEAST_ONE}
+
+
+def settings_from(cls: type, settings: Any, path: str | None = None) -> Any:
+    """None, a mapping (YAML, CLI) or a `cls` instance as a checked `cls` (coerced, in range);
+    errors name `path` (default: the class name), e.g. ``generator.generate.alpha``."""
+    return resolve(cls, settings, cls.__name__ if path is None else path)
+
+
+def check_count(n_images: int) -> None:
+    if n_images < 0:
+        raise TintError(f"n_images must be >= 0, got {n_images}")
 
 
 NOT_RECORDED = ("progress",)  # display-only settings: never make an artifact stale
@@ -292,7 +385,17 @@ def manifest_paths(out_dir: str | Path, class_name: str, n_images: int | None = 
                   key=lambda r: int(r["index"]))
     if n_images is not None:
         rows = [r for r in rows if int(r["index"]) < n_images]
-    return [out_dir / r["file"] for r in rows if (out_dir / r["file"]).is_file()]
+    return [path for path in (_inside(out_dir, r["file"]) for r in rows) if path.is_file()]
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """A manifest row's file, which must lie inside the manifest's own folder: a manifest
+    that names a file elsewhere (edited by hand, or tampered with) is refused."""
+    path = folder / name
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise TintError(f"{folder / MANIFEST_NAME}: names {name!r}, which is outside {folder}; "
+                        "a manifest may only list its own images: delete the folder and run again")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -324,3 +427,149 @@ def validate_support(support: Any, class_name: str, resolution: int | None = Non
     if not torch.isfinite(support).all() or support.min() < 0 or support.max() > 1:
         raise TintError(f"{where}: support image values must be finite and in [0,1]")
     return support.float()
+
+
+# ---------------------------------------------------------------------------------------------
+# Textual inversion of the class word (tint, plain TI and DA-Fusion specialise through this)
+
+TI_GENERATORS = ("plain-ti", "da-fusion", "tint")  # artifacts that carry a TI embedding
+
+
+@dataclass
+class LearnedWord:
+    """One class's bridged supports and the word textual inversion learned for them."""
+
+    support: torch.Tensor  # [K,3,r,r] at dataset resolution, validated
+    images: torch.Tensor  # [K,3,M,M] bridged to the model's resolution
+    bridge: Any  # tint.diffusion.bridge.ResolutionBridge
+    token: str
+    embedding: torch.Tensor  # [D]
+    losses: list[float]
+
+    @property
+    def dataset_resolution(self) -> int:
+        return int(self.support.shape[-1])
+
+    def provenance(self, settings: TISettings) -> dict:
+        """Artifact metadata that says how the word was made (settings, bridge, losses)."""
+        return {"bridge": self.bridge.plan(self.dataset_resolution),
+                "settings": settings_dict(settings), "backbone": settings.backbone,
+                "support_sha256": support_fingerprint(self.support),
+                "ti_final_loss": self.losses[-1] if self.losses else None,
+                "ti_first_loss": self.losses[0] if self.losses else None}
+
+
+def learn_class_word(backbone: Any, class_name: str, support: torch.Tensor, s: TISettings,
+                     generator: str) -> LearnedWord:
+    """Validate the supports, bridge them to the model's resolution, run TI on all of them."""
+    from tint.diffusion.bridge import ResolutionBridge, load_super_resolver
+    from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
+
+    support = validate_support(support, class_name, s.dataset_resolution)
+    token = fresh_token(backbone, s.token or f"<{generator}-{safe_name(class_name).lower()}>")
+    bridge = ResolutionBridge(backbone.resolution, s.bridge_steps,
+                              load_super_resolver(s.super_resolver, backbone.device))
+    images = bridge.to_model(support)
+    config = TextualInversionConfig(
+        placeholder=token, init_word=s.init_word, template=s.template, steps=s.ti_steps,
+        lr=s.ti_lr, t_min=s.ti_t_min, batch_size=s.ti_batch_size, grad_accum=s.ti_grad_accum,
+        seed=s.seed,
+    )
+    ti = textual_inversion(backbone, images, config, progress=s.progress)
+    return LearnedWord(support, images, bridge, ti.token, ti.embedding, list(ti.losses))
+
+
+def artifact_meta(model: Any, generator: str, class_name: str, /, **values: Any) -> dict:
+    """The metadata every diffusion artifact carries: who made it, for which model."""
+    return {"generator": generator, "class": class_name, **values,
+            "model_resolution": model.resolution, "prediction_type": model.prediction_type,
+            "latent_shape": list(model.latent_shape)}
+
+
+def save_learned_word(path: Path, word: LearnedWord) -> None:
+    """The diffusers textual-inversion side file ``<class>.ti.safetensors``."""
+    from tint.diffusion.textual_inversion import save_textual_inversion
+
+    save_textual_inversion(path.with_suffix(".ti.safetensors"), word.token, word.embedding)
+
+
+@dataclass
+class TIArtifact:
+    path: Path
+    class_name: str
+    token: str
+    prompt: str
+    embedding: torch.Tensor  # [D]
+    support: torch.Tensor | None  # [K, 3, M, M] bridged supports, if stored
+    meta: dict
+
+
+def load_ti_artifact(path: str | Path, required: Sequence[str] = ("embedding",)) -> TIArtifact:
+    """Any artifact that carries a TI embedding (plain-ti, da-fusion or tint)."""
+    tensors, meta = load_artifact(path, required)
+    if meta.get("generator") not in TI_GENERATORS:
+        raise TintError(f"{path}: made by generator {meta.get('generator')!r}, which stores no "
+                        f"TI embedding; use an artifact of {', '.join(TI_GENERATORS)}")
+    return TIArtifact(Path(path), meta["class"], meta["token"], meta["prompt"],
+                      tensors["embedding"], tensors.get("support"), meta)
+
+
+def class_conditioning(backbone: Any, artifact: TIArtifact,
+                       negative_prompt: str = "") -> tuple[torch.Tensor, torch.Tensor]:
+    """Install the learned word; return (cond, uncond) text states, each [1, L, D]."""
+    install_token_embedding(backbone, artifact.token, artifact.embedding)
+    return backbone.encode_prompt([artifact.prompt]), backbone.encode_prompt([negative_prompt])
+
+
+def sampling_settings(artifact: TIArtifact, s: PromptSamplingSettings) -> tuple[int, float, int]:
+    """Output resolution, CFG scale and DDIM steps: the settings' own, else the artifact's."""
+    resolution = s.resolution or int(artifact.meta["dataset_resolution"])
+    guidance = float(artifact.meta.get("guidance", 7.5) if s.guidance is None else s.guidance)
+    num_steps = int(artifact.meta.get("num_steps", 50) if s.num_steps is None else s.num_steps)
+    return resolution, guidance, num_steps
+
+
+def specialize_ti(backbone: Any, class_name: str, support: torch.Tensor, out_dir: str | Path,
+                  s: TISettings, generator: str) -> Path:
+    """Learn the class word, write the artifact (last: it marks the class done)."""
+    word = learn_class_word(backbone, class_name, support, s, generator)
+    tensors = {"embedding": word.embedding.detach().float().reshape(-1).cpu()}
+    if s.store_support:
+        tensors["support"] = word.images.float().cpu()
+    meta = artifact_meta(
+        backbone, generator, class_name, token=word.token, prompt=s.template.format(word.token),
+        num_steps=s.num_steps, guidance=s.guidance, support_count=int(word.support.shape[0]),
+        dataset_resolution=word.dataset_resolution, **word.provenance(s))
+    target = artifact_path(out_dir, class_name)
+    save_learned_word(target, word)
+    return save_artifact(target, tensors, meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing images
+
+
+def write_generated(out_dir: Path, class_name: str, indices: Sequence[int], images: torch.Tensor,
+                    rows: Sequence[Mapping[str, Any]]) -> None:
+    """Images first (atomic), then their manifest rows (fsync'ed): resumable like TINT."""
+    full_rows = []
+    for index, image, row in zip(indices, images, rows, strict=True):
+        relpath = image_relpath(class_name, index)
+        write_image(out_dir / relpath, image)
+        full_rows.append({"file": relpath, "class": class_name, "index": int(index), **row})
+    write_manifest_rows(out_dir, full_rows)
+
+
+def class_text(class_name: str, template: str) -> str:
+    """'food.fruit' -> 'a photo of a food fruit' (folder-style names read as words)."""
+    words = class_name.replace(".", " ").replace("_", " ").replace("-", " ")
+    return template.format(class_name=" ".join(words.split()))
+
+
+def batches(todo: Sequence[int], batch_size: int, desc: str, progress: bool) -> Iterator[list[int]]:
+    """The indices still to make, `batch_size` at a time, with a progress bar over images."""
+    with tqdm(total=len(todo), desc=desc, disable=not progress) as bar:
+        for start in range(0, len(todo), batch_size):
+            batch = list(todo[start:start + batch_size])
+            yield batch
+            bar.update(len(batch))

@@ -1,6 +1,6 @@
 """DA-Fusion (Trabucco et al., 2024) as used in the paper's Table 3/4: TI, then img2img.
 
-specialize, per class: exactly plain TI (``plain_ti.specialize_ti``), always keeping the
+specialize, per class: exactly plain TI (``base.specialize_ti``), always keeping the
 bridged supports in the artifact.
 
 generate, per image i (own RNG from (seed, class, i)):
@@ -20,26 +20,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from tint.diffusion.bridge import ResolutionBridge
 from tint.errors import TintError
 from tint.generators.base import (
+    PromptSamplingSettings,
+    TISettings,
+    batches,
+    check_count,
+    class_conditioning,
     image_rng,
     image_seed,
+    load_ti_artifact,
     manifest_paths,
     missing_indices,
-    settings_from,
-)
-from tint.generators.plain_ti import (
-    SpecializeSettings,
-    check_generate_common,
-    class_conditioning,
-    load_ti_artifact,
     sampling_settings,
+    settings_from,
     specialize_ti,
     write_generated,
 )
+from tint.settings import UNIT, check_interval, join
 
 NAME = "da-fusion"
 REQUIRED_TENSORS = ("embedding", "support")
@@ -49,25 +49,34 @@ __all__ = ["NAME", "REQUIRED_TENSORS", "GenerateSettings", "SpecializeSettings",
 
 
 @dataclass
-class GenerateSettings:
+class SpecializeSettings(TISettings):
+    """Plain TI's knobs (`TISettings`); the bridged supports are always kept."""
+
+    def validate(self, path: str = "") -> None:
+        super().validate(path)
+        if not self.store_support:
+            raise TintError(f"{join(path, 'store_support')}: must stay true for da-fusion "
+                            "(generation starts from the supports)")
+
+
+@dataclass
+class GenerateSettings(PromptSamplingSettings):
     """img2img knobs; `batch_size` is a memory setting: it never changes an image."""
 
     strength: float = 0.5  # fraction of the DDIM trajectory re-generated (0: the support)
     strength_range: Sequence[float] | None = None  # (lo, hi): strength ~ U(lo, hi) per image
-    batch_size: int = 8
-    resolution: int | None = None  # None: the artifact's dataset resolution
-    guidance: float | None = None  # None: the artifact's
-    num_steps: int | None = None  # None: the artifact's
-    negative_prompt: str = ""
-    progress: bool = True
+
+    RANGES = {**PromptSamplingSettings.RANGES, "strength": UNIT}
+
+    def validate(self, path: str = "") -> None:
+        super().validate(path)
+        check_interval(join(path, "strength_range"), self.strength_range)
 
 
 def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: str | Path,
                settings: SpecializeSettings | dict | None = None) -> Path:
     """Plain TI, keeping the bridged supports (img2img starts from them)."""
     s = settings_from(SpecializeSettings, settings)
-    if not s.store_support:
-        raise TintError("da-fusion: store_support must stay on (generation starts from the supports)")
     return specialize_ti(backbone, class_name, support, out_dir, s, NAME)
 
 
@@ -123,8 +132,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
              seed: int = 0, settings: GenerateSettings | dict | None = None) -> list[Path]:
     """Make images 0..n_images-1 of the artifact's class that are not already done."""
     s = settings_from(GenerateSettings, settings)
-    check_generate_common(n_images, s.batch_size)
-    _check_strength(s)
+    check_count(n_images)
     artifact = load_ti_artifact(artifact_path, REQUIRED_TENSORS)
     support = artifact.support
     if tuple(support.shape[-2:]) != (backbone.resolution, backbone.resolution):
@@ -136,9 +144,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
     todo = missing_indices(out_dir, class_name, n_images)
     if todo:
         cond, uncond = class_conditioning(backbone, artifact, s.negative_prompt)
-        bar = tqdm(total=len(todo), desc=f"da-fusion {class_name}", disable=not s.progress)
-        for start in range(0, len(todo), s.batch_size):
-            batch = todo[start:start + s.batch_size]
+        for batch in batches(todo, s.batch_size, f"da-fusion {class_name}", s.progress):
             draws = [draw_image(seed, class_name, i, support.shape[0], backbone.latent_shape, s)
                      for i in batch]
             latents = img2img_latents(backbone, support, draws, cond, uncond, guidance, num_steps)
@@ -147,15 +153,4 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
                      "image_seed": image_seed(seed, class_name, d.index), "generator": NAME,
                      "artifact_generator": artifact.meta["generator"]} for d in draws]
             write_generated(out_dir, class_name, batch, images, rows)
-            bar.update(len(batch))
-        bar.close()
     return manifest_paths(out_dir, class_name, n_images)
-
-
-def _check_strength(s: GenerateSettings) -> None:
-    if not 0.0 <= s.strength <= 1.0:
-        raise TintError(f"strength must be in [0, 1], got {s.strength}")
-    if s.strength_range is not None:
-        lo, hi = s.strength_range
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise TintError(f"strength_range must satisfy 0 <= lo <= hi <= 1, got {list(s.strength_range)}")

@@ -34,18 +34,21 @@ centroid and paths under that prior, we use the closed forms described at each f
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from tint.diffusion.bridge import PAPER_STEPS
 from tint.errors import TintError
 from tint.generators.base import (
+    BridgeSettings,
+    SamplingSettings,
     artifact_path,
+    batches,
+    check_count,
+    class_text,
     image_rng,
     image_seed,
     load_artifact,
@@ -55,42 +58,33 @@ from tint.generators.base import (
     settings_dict,
     settings_from,
     validate_support,
+    write_generated,
 )
 
 NAME = "nao"
 REQUIRED_TENSORS = ("seeds",)
+MAY_RETURN_FEWER = False
 
 
 @dataclass
-class SpecializeSettings:
+class SpecializeSettings(BridgeSettings):
+    """The class descriptions NAO needs, SeedSelect's CLIP model, the bridge (`BridgeSettings`)."""
+
     descriptions: Mapping[str, str] = field(default_factory=dict)  # class -> text description
     description_template: str | None = None  # e.g. "a photo of a {class_name}": from names
     clip_model: str | None = None  # local CLIP folder (transformers format) for SeedSelect
     seedselect: bool = True  # False: NAO seeds only (clearly NOT the paper's NAO+SS)
-    num_steps: int = 50
-    guidance: float = 7.5
-    super_resolver: str | None = None
-    bridge_steps: Sequence[int | str] = field(default_factory=lambda: list(PAPER_STEPS))
-    dataset_resolution: int | None = None
-    progress: bool = True
-    backbone: str | None = None
 
 
 @dataclass
-class GenerateSettings:
-    batch_size: int = 8  # memory only: never changes an image
-    resolution: int | None = None  # None: the artifact's dataset resolution
-    guidance: float | None = None  # None: the artifact's
+class GenerateSettings(SamplingSettings):
     negative_prompt: str = ""
-    progress: bool = True
 
 
 def class_description(class_name: str, s: SpecializeSettings) -> str | None:
     if class_name in s.descriptions:
         return s.descriptions[class_name]
     if s.description_template:
-        from tint.generators.real_mining import class_text
-
         return class_text(class_name, s.description_template)
     return None
 
@@ -150,10 +144,9 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
     DDIM + CFG with the class description (no SeedSelect: see the module docstring)."""
     from tint.diffusion.bridge import ResolutionBridge
     from tint.diffusion.ddim import ddim_sample
-    from tint.generators.plain_ti import check_generate_common, write_generated
 
     s = settings_from(GenerateSettings, settings)
-    check_generate_common(n_images, s.batch_size)
+    check_count(n_images)
     tensors, meta = load_artifact(artifact_path, REQUIRED_TENSORS, generator=NAME)
     seeds = tensors["seeds"]
     if tuple(seeds.shape[1:]) != tuple(backbone.latent_shape):
@@ -168,9 +161,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
     centroid = norm_aware_centroid(seeds)
     cond = backbone.encode_prompt([meta["prompt"]])
     uncond = backbone.encode_prompt([s.negative_prompt])
-    for start in tqdm(range(0, len(todo), s.batch_size), desc=f"nao {class_name}",
-                      disable=not s.progress):
-        batch = todo[start:start + s.batch_size]
+    for batch in batches(todo, s.batch_size, f"nao {class_name}", s.progress):
         draws = [nao_seed(seeds, centroid, image_rng(seed, class_name, i)) for i in batch]
         z = torch.stack([d[2] for d in draws]).to(backbone.device)
         latents = ddim_sample(backbone, z, cond, uncond, guidance, int(meta["num_steps"]))

@@ -14,29 +14,35 @@ from typing import Any
 
 import torch
 
-from tint.errors import TintError
 from tint.generators.base import (
     MANIFEST_NAME,
     artifact_path,
+    check_count,
     load_artifact,
     save_artifact,
     settings_dict,
     settings_from,
     validate_support,
 )
+from tint.settings import AT_LEAST_ONE, Settings
 
 NAME = "none"
 REQUIRED_TENSORS: tuple[str, ...] = ()
+MAY_RETURN_FEWER = False
 
 
 @dataclass
-class SpecializeSettings:
+class SpecializeSettings(Settings):
     dataset_resolution: int | None = None  # only validated: supports must have this size
 
+    RANGES = {"dataset_resolution": AT_LEAST_ONE}
+
 
 @dataclass
-class GenerateSettings:
+class GenerateSettings(Settings):
     resolution: int | None = None  # accepted for interface parity; nothing is written
+
+    RANGES = {"resolution": AT_LEAST_ONE}
 
 
 def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: str | Path,
@@ -53,8 +59,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
              seed: int = 0, settings: GenerateSettings | dict | None = None) -> list[Path]:
     """No images: leave (or create) an empty manifest so later stages see "done, zero images"."""
     settings_from(GenerateSettings, settings)
-    if n_images < 0:
-        raise TintError(f"n_images must be >= 0, got {n_images}")
+    check_count(n_images)
     load_artifact(artifact_path, REQUIRED_TENSORS, generator=NAME)  # a wrong file is an error
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,8 @@ from tqdm.auto import tqdm
 from tint.errors import TintError
 from tint.generators.base import (
     artifact_path,
+    check_count,
+    class_text,
     load_artifact,
     manifest_paths,
     missing_indices,
@@ -47,9 +49,10 @@ from tint.generators.base import (
     settings_dict,
     settings_from,
     validate_support,
+    write_generated,
 )
-from tint.generators.plain_ti import write_generated
 from tint.io import load_tensors, save_tensors
+from tint.settings import AT_LEAST_ONE, NON_NEGATIVE, Range, Settings, join
 
 log = logging.getLogger(__name__)
 
@@ -65,15 +68,23 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 
 @dataclass
-class SpecializeSettings:
+class SpecializeSettings(Settings):
     feature_backbone: str = "efficientnet-lite0"  # image-image similarity (teacher backbones)
     clip_model: str | None = None  # a local CLIP folder: text-image similarity (the paper's)
     text_prompt: str = "a photo of a {class_name}"  # CLIP only; class names with . or _ split
     dataset_resolution: int | None = None
 
+    RANGES = {"dataset_resolution": AT_LEAST_ONE}
+
+    def validate(self, path: str = "") -> None:
+        super().validate(path)
+        if self.clip_model is not None and not Path(self.clip_model).expanduser().is_dir():
+            raise TintError(f"{join(path, 'clip_model')}: {self.clip_model} is not a folder; "
+                            "give a local CLIP model folder or leave it unset")
+
 
 @dataclass
-class GenerateSettings:
+class GenerateSettings(Settings):
     pool: str = "openclipart"  # "openclipart" (outside val/novel) or a folder of images
     threshold: float | None = None  # None: 0.45 (CLIP, paper) / 0.6 (image features)
     max_per_class: int = 1000
@@ -81,6 +92,9 @@ class GenerateSettings:
     batch_size: int = 32  # feature extraction batch (memory only)
     cache_dir: str | None = None  # pool-feature cache; None: <out_dir>/.pool-features
     progress: bool = True
+
+    RANGES = {"threshold": Range(-1, 1), "max_per_class": NON_NEGATIVE,
+              "resolution": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -148,12 +162,6 @@ def _pooled(out: Any) -> torch.Tensor:
 def _scorer(feature_backbone: str, clip_model: str | None) -> ImageFeatureScorer | ClipScorer:
     """One loaded scorer per setting: every class of a run shares it."""
     return ClipScorer(clip_model) if clip_model else ImageFeatureScorer(feature_backbone)
-
-
-def class_text(class_name: str, template: str) -> str:
-    """'food.fruit' -> 'a photo of a food fruit' (folder-style names read as words)."""
-    words = class_name.replace(".", " ").replace("_", " ").replace("-", " ")
-    return template.format(class_name=" ".join(words.split()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +282,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
     Deterministic: `seed` and `backbone` are unused (ties keep pool order).
     """
     s = settings_from(GenerateSettings, settings)
-    if n_images < 0 or s.max_per_class < 0 or s.batch_size < 1:
-        raise TintError("n_images and max_per_class must be >= 0, batch_size >= 1")
+    check_count(n_images)
     tensors, meta = load_artifact(artifact_path, REQUIRED_TENSORS, generator=NAME)
     spec = settings_from(SpecializeSettings, meta["settings"])
     class_name = meta["class"]

@@ -17,82 +17,69 @@ generate (Algorithm 2), per image i (own RNG from (seed, class, i)):
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from tqdm.auto import tqdm
 
-from tint.diffusion.bridge import PAPER_STEPS, ResolutionBridge, load_super_resolver
+from tint.diffusion.bridge import ResolutionBridge
 from tint.diffusion.null_text import NullTextConfig, null_text_inversion
-from tint.diffusion.textual_inversion import (
-    TextualInversionConfig,
-    save_textual_inversion,
-    textual_inversion,
-)
 from tint.errors import TintError
 from tint.generators.base import (
+    SamplingSettings,
+    TISettings,
+    artifact_meta,
     artifact_path,
-    fresh_token,
-    image_relpath,
+    batches,
+    check_count,
     image_rng,
     image_seed,
     install_token_embedding,
+    learn_class_word,
     load_artifact,
     manifest_paths,
     missing_indices,
     read_manifest,
-    safe_name,
     save_artifact,
-    settings_dict,
+    save_learned_word,
     settings_from,
-    support_fingerprint,
-    validate_support,
-    write_image,
-    write_manifest_rows,
+    write_generated,
 )
+from tint.settings import AT_LEAST_ONE, POSITIVE, UNIT, check_interval, join
 
 NAME = "tint"
 REQUIRED_TENSORS = ("embedding", "z_T", "uncond", "timesteps")
+MAY_RETURN_FEWER = False
 
 
 @dataclass
-class SpecializeSettings:
-    """Every knob of Algorithm 1; all of it is stored in the artifact's metadata."""
+class SpecializeSettings(TISettings):
+    """Every knob of Algorithm 1 (TI's from `TISettings`, then NTI's); all of it is stored
+    in the artifact's metadata. TI runs over the paper's limited range t >= 250."""
 
-    template: str = "a photo of an {}"  # the class token goes into the {}
-    token: str | None = None  # None: "<tint-CLASS>"
-    init_word: str = "object"
-    ti_steps: int = 5000
-    ti_lr: float = 1e-3
     ti_t_min: int = 250
-    ti_batch_size: int = 1
-    ti_grad_accum: int = 1
     nti_inner_steps: int = 10
     nti_lr: float = 1e-2
-    nti_schedule: str = "decay"  # "decay": 1e-2*(1-i/100) + early stop (original); "constant"
-    num_steps: int = 50
-    guidance: float = 7.5
-    super_resolver: str | None = None  # None: bilinear only (the ablation); see bridge.py
-    bridge_steps: Sequence[int | str] = field(default_factory=lambda: list(PAPER_STEPS))
-    store_support: bool = True  # keep the bridged supports in the artifact (for reports)
-    dataset_resolution: int | None = None  # None: the supports' size
-    seed: int = 0  # TI timestep/noise draws
-    progress: bool = True
-    backbone: str | None = None  # provenance: the spec the backbone was loaded from
+    # "decay": 1e-2*(1-i/100) + early stop (original); "constant"
+    nti_schedule: Literal["decay", "constant"] = "decay"
+
+    RANGES = {**TISettings.RANGES, "nti_inner_steps": AT_LEAST_ONE, "nti_lr": POSITIVE}
 
 
 @dataclass
-class GenerateSettings:
-    """Algorithm 2's knobs. `batch_size` is a memory setting: it never changes an image."""
+class GenerateSettings(SamplingSettings):
+    """Algorithm 2's knobs. `guidance` None: the artifact's (the u_t were optimised for it)."""
 
     alpha: float = 1.0
     alpha_range: Sequence[float] | None = None  # (lo, hi): alpha ~ U(lo, hi) per image
-    batch_size: int = 8
-    resolution: int | None = None  # None: the artifact's dataset resolution
-    guidance: float | None = None  # None: the artifact's (the u_t were optimised for it)
-    progress: bool = True
+
+    RANGES = {**SamplingSettings.RANGES, "alpha": UNIT}
+
+    def validate(self, path: str = "") -> None:
+        super().validate(path)
+        check_interval(join(path, "alpha_range"), self.alpha_range)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,22 +172,10 @@ def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: s
                settings: SpecializeSettings | dict | None = None) -> Path:
     """TI on all supports, NTI per support; write the class artifact (atomically, last)."""
     s = settings_from(SpecializeSettings, settings)
-    _check_specialize_settings(s)
-    support = validate_support(support, class_name, s.dataset_resolution)
-    dataset_resolution = int(support.shape[-1])
-    token = fresh_token(backbone, s.token or f"<tint-{safe_name(class_name).lower()}>")
-    bridge = ResolutionBridge(backbone.resolution, s.bridge_steps,
-                              load_super_resolver(s.super_resolver, backbone.device))
-    images = bridge.to_model(support)
-
-    ti_config = TextualInversionConfig(
-        placeholder=token, init_word=s.init_word, template=s.template, steps=s.ti_steps,
-        lr=s.ti_lr, t_min=s.ti_t_min, batch_size=s.ti_batch_size, grad_accum=s.ti_grad_accum,
-        seed=s.seed,
-    )
-    ti = textual_inversion(backbone, images, ti_config, progress=s.progress)
-    install_token_embedding(backbone, ti.token, ti.embedding)
-    prompt = s.template.format(ti.token)
+    word = learn_class_word(backbone, class_name, support, s, NAME)
+    images = word.images
+    install_token_embedding(backbone, word.token, word.embedding)
+    prompt = s.template.format(word.token)
     cond = backbone.encode_prompt([prompt])
 
     nti_config = NullTextConfig(num_steps=s.num_steps, guidance=s.guidance,
@@ -214,18 +189,13 @@ def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: s
         z_T.append(result.z_T.reshape(backbone.latent_shape).float().cpu())
         uncond.append(result.uncond_embeddings.float().cpu())
 
-    out_dir = Path(out_dir)
     target = artifact_path(out_dir, class_name)
-    save_textual_inversion(target.with_suffix(".ti.safetensors"), ti.token, ti.embedding)
+    save_learned_word(target, word)
     return save_tint_artifact(  # written last: it marks the class done
-        target, backbone, class_name=class_name, token=ti.token, prompt=prompt,
-        embedding=ti.embedding, z_T=torch.stack(z_T), uncond=torch.stack(uncond),
-        guidance=s.guidance, dataset_resolution=dataset_resolution,
-        support=images if s.store_support else None,
-        extra={"bridge": bridge.plan(dataset_resolution), "settings": settings_dict(s),
-               "backbone": s.backbone, "support_sha256": support_fingerprint(support),
-               "ti_final_loss": ti.losses[-1] if ti.losses else None,
-               "ti_first_loss": ti.losses[0] if ti.losses else None},
+        target, backbone, class_name=class_name, token=word.token, prompt=prompt,
+        embedding=word.embedding, z_T=torch.stack(z_T), uncond=torch.stack(uncond),
+        guidance=s.guidance, dataset_resolution=word.dataset_resolution,
+        support=images if s.store_support else None, extra=word.provenance(s),
     )
 
 
@@ -244,23 +214,10 @@ def save_tint_artifact(path: str | Path, backbone: Any, *, class_name: str, toke
     }
     if support is not None:
         tensors["support"] = support.detach().float().cpu()
-    meta = {
-        "generator": NAME, "class": class_name, "token": token, "prompt": prompt,
-        "num_steps": num_steps, "guidance": guidance, "support_count": int(z_T.shape[0]),
-        "dataset_resolution": int(dataset_resolution), "model_resolution": backbone.resolution,
-        "prediction_type": backbone.prediction_type, "latent_shape": list(backbone.latent_shape),
-        **(extra or {}),
-    }
+    meta = artifact_meta(backbone, NAME, class_name, token=token, prompt=prompt,
+                         num_steps=num_steps, guidance=guidance, support_count=int(z_T.shape[0]),
+                         dataset_resolution=int(dataset_resolution), **(extra or {}))
     return save_artifact(path, tensors, meta)
-
-
-def _check_specialize_settings(s: SpecializeSettings) -> None:
-    if "{}" not in s.template:
-        raise TintError(f"template {s.template!r}: must contain '{{}}' where the class token goes")
-    if s.num_steps < 1 or s.ti_steps < 1 or s.nti_inner_steps < 1:
-        raise TintError("num_steps, ti_steps and nti_inner_steps must be >= 1")
-    if s.nti_schedule not in ("decay", "constant"):
-        raise TintError(f"nti_schedule {s.nti_schedule!r}: choose 'decay' or 'constant'")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -327,7 +284,7 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
              seed: int = 0, settings: GenerateSettings | dict | None = None) -> list[Path]:
     """Make images 0..n_images-1 of the artifact's class that are not already done."""
     s = settings_from(GenerateSettings, settings)
-    _check_generate_settings(s, n_images)
+    check_count(n_images)
     artifact = load_tint_artifact(artifact_path)
     out_dir = Path(out_dir)
     class_name = artifact.class_name
@@ -337,30 +294,15 @@ def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: s
     todo = missing_indices(out_dir, class_name, n_images)
     if todo:
         cond = prepare_backbone(backbone, artifact)
-        bar = tqdm(total=len(todo), desc=f"generate {class_name}", disable=not s.progress)
-        for start in range(0, len(todo), s.batch_size):
-            batch = todo[start:start + s.batch_size]
+        for batch in batches(todo, s.batch_size, f"generate {class_name}", s.progress):
             draws = [draw_image(seed, class_name, i, artifact.num_supports, backbone.latent_shape, s)
                      for i in batch]
             latents = sample_latents(backbone, artifact, draws, cond, guidance)
             images = ResolutionBridge.to_dataset(backbone.decode_latents(latents), resolution)
-            _write_batch(out_dir, class_name, draws, images, seed)
-            bar.update(len(batch))
-        bar.close()
+            rows = [{"k": d.k, "alpha": d.alpha, "seed": seed, "image_seed": d.seed,
+                     "generator": NAME} for d in draws]
+            write_generated(out_dir, class_name, batch, images, rows)
     return manifest_paths(out_dir, class_name, n_images)
-
-
-def _write_batch(out_dir: Path, class_name: str, draws: Sequence[ImageDraw],
-                 images: torch.Tensor, run_seed: int) -> None:
-    """Images first (atomic), then their manifest rows (fsync'ed)."""
-    rows = []
-    for draw, image in zip(draws, images, strict=True):
-        relpath = image_relpath(class_name, draw.index)
-        write_image(out_dir / relpath, image)
-        rows.append({"file": relpath, "class": class_name, "index": draw.index, "k": draw.k,
-                     "alpha": draw.alpha, "seed": run_seed, "image_seed": draw.seed,
-                     "generator": NAME})
-    write_manifest_rows(out_dir, rows)
 
 
 def _check_same_run(out_dir: Path, class_name: str, seed: int, s: GenerateSettings) -> None:
@@ -374,16 +316,3 @@ def _check_same_run(out_dir: Path, class_name: str, seed: int, s: GenerateSettin
                             f"{row.get('generator')!r}, seed {row.get('seed')}, alpha "
                             f"{row.get('alpha')}; this run asks for {NAME!r}, seed {seed}, "
                             f"alpha {[lo, hi]}: choose another output folder")
-
-
-def _check_generate_settings(s: GenerateSettings, n_images: int) -> None:
-    if n_images < 0:
-        raise TintError(f"n_images must be >= 0, got {n_images}")
-    if s.batch_size < 1:
-        raise TintError(f"batch_size must be >= 1, got {s.batch_size}")
-    if not 0.0 <= s.alpha <= 1.0:
-        raise TintError(f"alpha must be in [0, 1], got {s.alpha}")
-    if s.alpha_range is not None:
-        lo, hi = s.alpha_range
-        if not 0.0 <= lo <= hi <= 1.0:
-            raise TintError(f"alpha_range must satisfy 0 <= lo <= hi <= 1, got {list(s.alpha_range)}")

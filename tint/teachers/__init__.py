@@ -10,6 +10,9 @@ feature cache), plus ``accuracy(x, labels)``.
 - ``create_teacher("labelhalluc", weights=PATH, ...)`` or ``(..., network=model)``:
   logistic regression on a base-pretrained student-architecture network
   (``tint.teachers.labelhalluc``; ``pretrain_on_base`` writes the weights).
+
+``available_teachers()`` lists the names; the settings a config gives a teacher
+(``teacher.settings``) are typed in ``tint.teachers.settings`` (`resolve_teacher_settings`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,16 @@ from pathlib import Path
 from torch import nn
 
 from tint.errors import TintError
+from tint.registry import Registry
 from tint.teachers.backbones import load_feature_backbone
 from tint.teachers.labelhalluc import LabelHallucTeacher, load_labelhalluc_teacher
 from tint.teachers.protonet import ProtoNetTeacher
+from tint.teachers.settings import resolve_teacher_settings
 
-TEACHERS = ("pmf", "labelhalluc")
+TEACHERS = Registry("teacher", {
+    "pmf": "tint.teachers:create_pmf",
+    "labelhalluc": "tint.teachers:create_labelhalluc",
+})
 
 
 def create_pmf(backbone: str = "efficientnet-lite0", weights: str | Path | None = None,
@@ -50,13 +58,14 @@ def create_labelhalluc(weights: str | Path | None = None, network: nn.Module | N
     return load_labelhalluc_teacher(weights, **kwargs)
 
 
+def available_teachers() -> list[str]:
+    return TEACHERS.names()
+
+
 def create_teacher(name: str, **kwargs) -> ProtoNetTeacher | LabelHallucTeacher:
     """Create a teacher by name: "pmf" or "labelhalluc"."""
-    if name == "pmf":
-        return create_pmf(**kwargs)
-    if name == "labelhalluc":
-        return create_labelhalluc(**kwargs)
-    raise TintError(f"unknown teacher {name!r}; choose one of: {', '.join(TEACHERS)}")
+    return TEACHERS.load(name)(**kwargs)
 
 
-__all__ = ["TEACHERS", "LabelHallucTeacher", "ProtoNetTeacher", "create_teacher"]
+__all__ = ["TEACHERS", "LabelHallucTeacher", "ProtoNetTeacher", "available_teachers",
+           "create_teacher", "resolve_teacher_settings"]
