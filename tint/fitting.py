@@ -1,0 +1,623 @@
+"""`tint fit`: a folder of labelled photos -> a tiny classifier anyone can run.
+
+``DATA_DIR/<class>/<images>`` (2+ classes, 1+ images each) goes through the same units
+of work as `tint run` (tint.pipeline: specialise, generate, teacher, pseudo-label,
+distil, export), in one episode whose support set is every labelled image. The data
+flow, top to bottom::
+
+    1. read the labelled folder          classes, images, one SHA-256 over all of them
+    2. snapshot it into MODEL_DIR/work   content-named copies + the unlabelled pool,
+                                         pre-rendered at the training resolution
+    3. the pipeline's units              teacher, specialize/generate per class,
+                                         label-base, pseudo-label, distill, export
+    4. estimate                          honest accuracy figures without a test set
+    5. the model folder                  model.onnx, model.pt, labels.json,
+                                         MODEL_CARD.md, report.html
+
+Every unit is keyed and resumable as in `tint run` (the store is MODEL_DIR/work), so a
+killed fit is resumed by running the same command, and a finished one computes nothing.
+Design decisions (no query set, what the estimates are, the one-image classes) are in
+docs/fit.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import html
+import random
+import shutil
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from importlib import resources
+from pathlib import Path
+
+from tint.errors import TintError
+from tint.predict import IMAGE_SUFFIXES, LABELS_FILE, labels_document
+
+FIT_CONFIG = "fit.yaml"  # packaged under tint/configs/
+POOL_PREFIX = "_pool_"  # class folders of the unlabelled pool inside the snapshot
+HELD_OUT_GENERATED = 8  # generated images per class the student never sees (agreement)
+HELD_OUT_UNLABELED = 60  # unlabelled images the student never sees (agreement)
+MIN_UNLABELED_TO_HOLD_OUT = 10  # fewer --unlabeled images than this: all are used to train
+SUPPORT_FIT, SUPPORT_CROP_ALPHA = "crop", False  # how `folder:` datasets load photos
+
+
+# ----------------------------------------------------------------------------- 1. the labelled folder
+
+
+@dataclass
+class LabelledImages:
+    """``root/<class>/<images>``: class names in sorted order and their image files."""
+
+    root: Path
+    classes: list[str]
+    files: dict[str, list[Path]]
+
+    def counts(self) -> dict[str, int]:
+        return {c: len(self.files[c]) for c in self.classes}
+
+    def sha256(self) -> str:
+        """One SHA-256 over (class, SHA-256 of each image's bytes), sorted: the data's identity."""
+        digest = hashlib.sha256()
+        for name in self.classes:
+            for sha in sorted(file_sha256(p) for p in self.files[name]):
+                digest.update(f"{name}\t{sha}\n".encode())
+        return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def image_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
+def read_labelled_folder(root: str | Path, what: str = "DATA_DIR") -> LabelledImages:
+    """Check the layout before any work; each error names the folder and the fix."""
+    root = Path(root)
+    if not root.is_dir():
+        raise TintError(f"{root}: {what} not found (expected a folder of <class>/<images>)")
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    files: dict[str, list[Path]] = {}
+    for folder in folders:
+        if folder.name.startswith(POOL_PREFIX):
+            raise TintError(f"{folder}: class names starting with {POOL_PREFIX!r} are reserved; rename it")
+        found = image_files(folder)
+        if not found:
+            raise TintError(f"{folder}: class folder has no images ({', '.join(sorted(IMAGE_SUFFIXES))}); "
+                            "add images or remove the folder")
+        files[folder.name] = found
+    if len(files) < 2:
+        raise TintError(f"{root}: {what} needs at least 2 class folders (<class>/<images>), "
+                        f"found {len(files)}{': ' + ', '.join(files) if files else ''}")
+    lowered = {}
+    for name in files:
+        if name.casefold() in lowered:
+            raise TintError(f"{root}: class folders {lowered[name.casefold()]!r} and {name!r} differ "
+                            "only in case; merge or rename one")
+        lowered[name.casefold()] = name
+    return LabelledImages(root, sorted(files), files)
+
+
+def check_images_decode(images: LabelledImages) -> None:
+    """A training image that does not decode is an error (not skipped): it was meant to teach."""
+    from tint.data.images import open_image
+
+    for name in images.classes:
+        for path in images.files[name]:
+            open_image(path)  # raises TintError naming the file
+
+
+# ----------------------------------------------------------------------------- 2. the snapshot
+
+
+@dataclass
+class Snapshot:
+    """The training data as the pipeline reads it: a `folder:` dataset inside the work dir."""
+
+    data_root: Path  # <class>/<s-sha>.<ext>, <class>/<q-sha>.<ext>, _pool_*/*.png, splits.json
+    classes: list[str]
+    support: list[list[str]]  # item ids relative to data_root
+    query: list[list[str]]  # the same images again under other names (see docs/fit.md)
+    pool: str  # what the unlabelled pool is, in words
+    held_out_unlabeled: list[Path]
+
+
+def snapshot_labelled(images: LabelledImages, data_root: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """Copy each image under a content name: a changed image is a new item, so a new key."""
+    from tint.io import atomic_path
+
+    support, query = [], []
+    for name in images.classes:
+        row_s, row_q = [], []
+        for path in images.files[name]:
+            sha = file_sha256(path)[:20]
+            for prefix, row in (("s", row_s), ("q", row_q)):
+                target = data_root / name / f"{prefix}-{sha}{path.suffix.lower()}"
+                if not target.is_file():
+                    with atomic_path(target) as tmp:
+                        shutil.copyfile(path, tmp)
+                if target.relative_to(data_root).as_posix() not in row:
+                    row.append(target.relative_to(data_root).as_posix())
+        support.append(sorted(row_s))
+        query.append(sorted(row_q))
+    return support, query
+
+
+def render_pool(items: dict[str, list[Path | str]], load, data_root: Path) -> None:
+    """Unlabelled images pre-rendered at the training resolution (`load`: item -> PIL image)."""
+    from tint.io import atomic_path
+
+    for folder, refs in items.items():
+        for ref in refs:
+            target = data_root / folder / f"{hashlib.sha256(str(ref).encode()).hexdigest()[:20]}.png"
+            if not target.is_file():
+                with atomic_path(target) as tmp:
+                    load(ref).save(tmp, format="PNG")
+
+
+def openclipart_pool(config, data_root: Path, holdout_dir: Path) -> tuple[str, list[Path]]:
+    """The embedded pool: openclipart base classes (capped per class) for distillation, and
+    images of its *val* classes (never trained on) held out for the agreement estimate."""
+    from tint.data.openclipart import load_openclipart
+
+    dataset = load_openclipart(resolution=config.data.resolution)
+    cap = config.data.base_images_per_class
+    rng = random.Random(config.data.episode_seed)
+    chosen: dict[str, list[str]] = {}
+    for name in dataset.classes("base"):
+        pool = sorted(dataset.items[name])
+        rng.shuffle(pool)
+        chosen[POOL_PREFIX + name] = pool if cap is None else pool[:cap]
+    render_pool(chosen, dataset.load, data_root)
+    val_items = sorted(i for c in dataset.classes("val") for i in dataset.items[c])
+    rng.shuffle(val_items)
+    held = val_items[:HELD_OUT_UNLABELED]
+    render_pool({"openclipart-val": held}, dataset.load, holdout_dir)
+    n = sum(len(v) for v in chosen.values())
+    return (f"the embedded openclipart base pool ({len(chosen)} clip-art classes, {n} images; "
+            "no --unlabeled folder was given)"), sorted((holdout_dir / "openclipart-val").glob("*.png"))
+
+
+def user_pool(folder: Path, config, data_root: Path, holdout_dir: Path) -> tuple[str, list[Path]]:
+    """--unlabeled DIR: every image under it (walked), cropped like the photos; every fifth
+    (in content order) held out for the agreement estimate when there are enough."""
+    from tint.data.images import load_image
+    from tint.predict import find_images
+
+    if not folder.is_dir():
+        raise TintError(f"--unlabeled {folder}: folder not found")
+    files = find_images([folder])
+    if len(files) < config.data.min_base_images:
+        raise TintError(f"--unlabeled {folder}: {len(files)} images found; distillation needs at least "
+                        f"{config.data.min_base_images} (data.min_base_images): add images")
+    by_sha = sorted((file_sha256(p), p) for p in files)
+    hold = len(by_sha) >= MIN_UNLABELED_TO_HOLD_OUT
+    held = [p for i, (_, p) in enumerate(by_sha) if hold and i % 5 == 4][:HELD_OUT_UNLABELED]
+    train = [p for _, p in by_sha if p not in held]
+
+    def load(path):
+        return load_image(path, config.data.resolution, fit=SUPPORT_FIT, crop_alpha=SUPPORT_CROP_ALPHA)
+
+    render_pool({POOL_PREFIX + "unlabeled": [str(p) for p in train]}, load, data_root)
+    render_pool({"unlabeled": [str(p) for p in held]}, load, holdout_dir)
+    rendered = sorted((holdout_dir / "unlabeled").glob("*.png")) if held else []
+    return f"your unlabelled images ({folder}: {len(train)} used, {len(held)} held out)", rendered
+
+
+def make_snapshot(images: LabelledImages, config, work: Path, unlabeled: Path | None) -> Snapshot:
+    from tint.io import write_json
+
+    data_root = work / f"data-r{config.data.resolution}"
+    holdout_dir = work / f"holdout-r{config.data.resolution}"
+    support, query = snapshot_labelled(images, data_root)
+    if unlabeled is None:
+        pool, held = openclipart_pool(config, data_root, holdout_dir)
+    else:
+        pool, held = user_pool(Path(unlabeled), config, data_root, holdout_dir)
+    pool_classes = sorted(p.name for p in data_root.iterdir() if p.is_dir() and p.name.startswith(POOL_PREFIX))
+    write_json(data_root / "splits.json", {"base": pool_classes, "val": [], "novel": images.classes,
+                                           "how": "written by tint fit"})
+    return Snapshot(data_root, images.classes, support, query, pool, held)
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def fit_config_text() -> str:
+    return resources.files("tint").joinpath("configs", FIT_CONFIG).read_text()
+
+
+def load_fit_config(config: str | Path | None, overrides: Sequence[str], work: Path,
+                    unlabeled: Path | None):
+    """The embedded fit config (or CONFIG), --set overrides, then what fit itself decides."""
+    import yaml
+
+    from tint.config import apply_override, config_from_dict, read_yaml
+
+    data = yaml.safe_load(fit_config_text()) if config is None else read_yaml(config)
+    for assignment in overrides:
+        data = apply_override(data or {}, assignment)
+    resolved = config_from_dict(data or {})
+    if unlabeled is not None:
+        if resolved.teacher.meta_train.epochs > 0:
+            raise TintError("teacher.meta_train.epochs: meta-training needs labelled base classes, "
+                            "and --unlabeled images have none; set it to 0 or drop --unlabeled")
+        resolved = replace(resolved, data=replace(resolved.data, min_base_classes=1))
+    return replace(resolved, run_dir=str(work))
+
+
+def with_snapshot(config, snapshot: Snapshot, episode_file: Path):
+    """Point the config at the snapshot and its one episode."""
+    data = replace(config.data, dataset=f"folder:{snapshot.data_root}", episodes=str(episode_file),
+                   first_episodes=None, base_split="base", base_images_per_class=None)
+    return replace(config, data=data)
+
+
+# ----------------------------------------------------------------------------- 3. the pipeline
+
+
+def run_units(config, log_path: Path):
+    """Prepare the episode and run every unit but `evaluate` (there is no query set)."""
+    from tint.io import set_threads
+    from tint.pipeline import (
+        LOGGER,
+        _attach_log,
+        make_context,
+        plan_units,
+        prepare,
+        run_unit,
+        validate_components,
+    )
+
+    validate_components(config)
+    ctx = make_context(config)
+    handler = _attach_log(log_path)
+    try:
+        set_threads(config.threads)
+        LOGGER.info("tint fit -> %s (device %s)", ctx.run_dir, ctx.device)
+        episodes = prepare(ctx)
+        units = [u for u in plan_units(ctx, episodes) if u.stage != "evaluate"]
+        for unit in units:  # in this process, in the plan's order
+            run_unit(ctx, episodes, unit)
+        return ctx, episodes[0], handler
+    except BaseException:
+        LOGGER.removeHandler(handler)
+        handler.close()
+        raise
+
+
+# ----------------------------------------------------------------------------- 4. estimates
+
+
+def estimate(ctx, episode, snapshot: Snapshot, val: LabelledImages | None) -> dict:
+    """The `estimate` stage: keyed like any unit, so a rerun reuses it."""
+    from tint.engine import run_stage, stable_hash
+    from tint.pipeline import distill_key, generation_key, teacher_key
+
+    held_ctx = held_out_context(ctx)
+    key = {
+        "teacher": teacher_key(ctx), "student": distill_key(ctx, episode, 0),
+        "held_out_generated": [stable_hash(generation_key(held_ctx, episode, c))
+                               for c in range(episode.n_way)] if has_generator(ctx) else [],
+        "held_out_unlabeled": [p.name for p in snapshot.held_out_unlabeled],
+        "val": val.sha256() if val is not None else None,
+    }
+    return run_stage(ctx, "estimate", ctx.run_dir / "estimate", key, episode.label,
+                     lambda folder: compute_estimates(ctx, held_ctx, episode, snapshot, val))
+
+
+def has_generator(ctx) -> bool:
+    from tint.pipeline import uses_synthetic
+
+    return uses_synthetic(ctx)
+
+
+def held_out_context(ctx):
+    """Same specialisations, another generation seed: images the student never saw."""
+    from tint.pipeline import make_context
+
+    gen = replace(ctx.config.generator, seed=ctx.config.generator.seed + 1_000_003,
+                  images_per_class=HELD_OUT_GENERATED)
+    held = make_context(replace(ctx.config, generator=gen), ctx.store)
+    held.cache.update({k: v for k, v in ctx.cache.items() if k in ("dataset", "base_items")})
+    return held
+
+
+def compute_estimates(ctx, held_ctx, episode, snapshot: Snapshot, val: LabelledImages | None) -> dict:
+    from tint.pipeline import fitted_teacher, synthetic_paths
+
+    teacher = fitted_teacher(ctx, episode)
+    student = load_fitted_student(ctx, episode)
+    out = {"teacher_leave_one_out": teacher_leave_one_out(ctx, teacher, episode)}
+    ctx.cache["teacher_fitted_for"] = None  # LOO refitted it: refit on every image below
+    teacher = fitted_teacher(ctx, episode)
+    generated = [p for paths in synthetic_paths(held_ctx, episode) for p in paths] if has_generator(ctx) else []
+    out["agreement_generated"] = agreement(ctx, teacher, student, generated)
+    out["agreement_unlabeled"] = agreement(ctx, teacher, student, [str(p) for p in snapshot.held_out_unlabeled])
+    if val is not None:
+        out["val"] = val_accuracy(ctx, teacher, student, episode, val)
+    return out
+
+
+def load_fitted_student(ctx, episode):
+    from tint.pipeline import distill, student_folders
+    from tint.students.distill import load_student
+
+    marker = distill(ctx, episode, 0)  # finished: verified and skipped
+    model, _meta = load_student(student_folders(ctx, episode, 0)[0] / marker["weights"])
+    return model.to(ctx.device).eval()
+
+
+def teacher_leave_one_out(ctx, teacher, episode) -> dict:
+    """Each labelled image classified by the teacher fitted on all the others. Images of
+    one-image classes are not scored (leaving them out removes their class), but their
+    class stays a candidate answer for every other image."""
+    import torch
+
+    items, labels = episode.support_items()
+    counts = {c: labels.count(c) for c in set(labels)}
+    x = ctx.dataset.load_tensor(items)
+    y = torch.tensor(labels)
+    correct, scored = 0, 0
+    for i in range(len(items)):
+        if counts[labels[i]] < 2:
+            continue
+        keep = [j for j in range(len(items)) if j != i]
+        teacher.fit(x[keep], y[keep], ids=[items[j] for j in keep])
+        pred = int(teacher.predict_proba(x[i:i + 1], ids=[items[i]]).argmax(1)[0])
+        correct += int(pred == labels[i])
+        scored += 1
+    skipped = [episode.classes[c] for c, n in sorted(counts.items()) if n < 2]
+    return {"accuracy": correct / scored if scored else None, "n_scored": scored,
+            "n_images": len(items), "one_image_classes": skipped}
+
+
+def agreement(ctx, teacher, student, paths: list[str]) -> dict:
+    """How often the student's top-1 label equals the teacher's on images neither trained on."""
+    import torch
+
+    from tint.data.images import load_image, to_tensor
+
+    if not paths:
+        return {"agreement": None, "n": 0}
+    x = to_tensor([load_image(p, ctx.config.data.resolution) for p in paths])
+    with torch.no_grad():
+        t = teacher.predict_proba(x).argmax(1).cpu()
+        s = student(x.to(ctx.device)).argmax(1).cpu()
+    return {"agreement": float((t == s).float().mean()), "n": len(paths)}
+
+
+def val_accuracy(ctx, teacher, student, episode, val: LabelledImages) -> dict:
+    import torch
+
+    from tint.data.images import load_image, to_tensor
+
+    unknown = [c for c in val.classes if c not in episode.classes]
+    if unknown:
+        raise TintError(f"--val {val.root}: class folder(s) {', '.join(unknown)} are not training "
+                        f"classes ({', '.join(episode.classes)}); rename or remove them")
+    paths = [p for c in val.classes for p in val.files[c]]
+    y = torch.tensor([episode.classes.index(c) for c in val.classes for _ in val.files[c]])
+    x = to_tensor([load_image(p, ctx.config.data.resolution, fit=SUPPORT_FIT) for p in paths])
+    with torch.no_grad():
+        t = teacher.predict_proba(x).argmax(1).cpu()
+        s = student(x.to(ctx.device)).argmax(1).cpu()
+    return {"teacher": float((t == y).float().mean()), "student": float((s == y).float().mean()),
+            "n": len(paths), "classes": val.counts()}
+
+
+# ----------------------------------------------------------------------------- 5. the model folder
+
+
+def write_model_folder(ctx, episode, out: Path, images: LabelledImages, snapshot: Snapshot,
+                       estimates: dict, sha: str, seconds: float) -> None:
+    from tint.io import atomic_path, write_json, write_text
+    from tint.pipeline import distill, export_location
+    from tint.students.models import IMAGENET_MEAN, IMAGENET_STD
+
+    folder, _, _ = export_location(ctx, episode, 0)
+    for src, dst in (("student.onnx", "model.onnx"), ("student.pt", "model.pt")):
+        if (folder / src).is_file():
+            with atomic_path(out / dst) as tmp:
+                shutil.copyfile(folder / src, tmp)
+    student = ctx.config.students[0]
+    write_json(out / LABELS_FILE, labels_document(
+        episode.classes, ctx.config.data.resolution, fit=SUPPORT_FIT, crop_alpha=SUPPORT_CROP_ALPHA,
+        arch=student.arch, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+        training={"images": images.counts(), "sha256": sha}))
+    curve = distill(ctx, episode, 0).get("curve", [])
+    write_text(out / "MODEL_CARD.md", model_card(ctx, images, snapshot, estimates, sha, seconds))
+    write_fit_report(out, ctx, episode, snapshot, estimates, curve)
+
+
+def _pct(value) -> str:
+    return "not measured" if value is None else f"{100 * value:.1f} %"
+
+
+def estimate_lines(estimates: dict) -> list[str]:
+    loo, gen, unl = (estimates["teacher_leave_one_out"], estimates["agreement_generated"],
+                     estimates["agreement_unlabeled"])
+    lines = []
+    if "val" in estimates:
+        v = estimates["val"]
+        lines.append(f"validation accuracy (--val, {v['n']} images): student {_pct(v['student'])}, "
+                     f"teacher {_pct(v['teacher'])}")
+    one = loo["one_image_classes"]
+    lines.append(f"teacher leave-one-out accuracy on the labelled images: {_pct(loo['accuracy'])} "
+                 f"({loo['n_scored']} of {loo['n_images']} images scored"
+                 + (f"; not scored: the only image of {', '.join(one)}" if one else "") + ")")
+    lines.append(f"student agrees with the teacher on {gen['n']} held-out generated images: {_pct(gen['agreement'])}")
+    lines.append(f"student agrees with the teacher on {unl['n']} held-out unlabelled images: "
+                 f"{_pct(unl['agreement'])}")
+    return lines
+
+
+def model_card(ctx, images: LabelledImages, snapshot: Snapshot, estimates: dict, sha: str,
+               seconds: float) -> str:
+    from tint.config import dump_config
+
+    cfg = ctx.config
+    student = cfg.students[0]
+    counts = "\n".join(f"| {name} | {n} |" for name, n in images.counts().items())
+    which = ("**real validation accuracy** on the images of `--val` (held out by you), plus the "
+             "estimates below" if "val" in estimates else
+             "**an estimate without a test set** (no `--val` was given): the teacher's leave-one-out "
+             "accuracy on your labelled images, and how often the student agrees with the teacher "
+             "on images neither was trained on. Agreement is not accuracy: a student that copies a "
+             "wrong teacher agrees perfectly. Give `--val DIR` for a real measurement")
+    generator = "none" if not has_generator(ctx) else f"{cfg.generator.name} on `{cfg.generator.backbone}`"
+    return f"""# Model card: tint fit of `{images.root}`
+
+A {student.arch} image classifier distilled by `tint fit` ({time.strftime('%Y-%m-%d')}).
+
+## Classes and training images
+
+| class | images |
+|---|---|
+{counts}
+
+SHA-256 of the training images (class + each file's SHA-256, sorted): `{sha}`
+
+## How it was made
+
+- Generator: {generator}, {cfg.generator.images_per_class} images per class
+- Teacher: {cfg.teacher.name} with `{cfg.teacher.backbone}` backbone, fitted on every labelled image
+- Student: {student.arch} at {cfg.data.resolution}x{cfg.data.resolution}, {cfg.distill.iterations} iterations,
+  sources {', '.join(student.sources or cfg.distill.sources)}
+- Unlabelled images for the distillation loss: {snapshot.pool}
+- Wall time of this fit command: {seconds:.0f} s (finished stages of an earlier run are not re-timed)
+- The full resolved settings are in `work/config.yaml`.
+
+## Accuracy
+
+This is {which}.
+
+{chr(10).join('- ' + line for line in estimate_lines(estimates))}
+
+## Intended use and limits
+
+- Sorting images into exactly these {len(images.classes)} classes. Every input gets one of them,
+  even an image of something else: check the probability, it is not calibrated.
+- Trained on {sum(images.counts().values())} labelled images: expect it to fail on backgrounds,
+  viewpoints, lighting and cameras that the training images do not show.
+- Images are fitted to a square the same way as in training (`labels.json`, input): short side
+  resized, centre crop. Use `tint predict` or `tint.Predictor`, which do this for you.
+- Not for decisions about people, safety or health.
+
+## Settings
+
+```yaml
+{dump_config(cfg)}```
+"""
+
+
+def write_fit_report(out: Path, ctx, episode, snapshot: Snapshot, estimates: dict, curve: list) -> Path:
+    from tint import report
+    from tint.io import write_text
+    from tint.pipeline import synthetic_paths
+
+    figures = out / "report"
+    figures.mkdir(parents=True, exist_ok=True)
+    support = [[str(snapshot.data_root / i) for i in row] for row in episode.support]
+    generated = synthetic_paths(ctx, episode)
+    name = ctx.config.students[0].name
+    results = {"models": [name], "summary": {},
+               "episodes": [{"index": 0, "classes": episode.classes, "support": support,
+                             "generated": generated, "curves": {name: curve}}]}
+    grid = report._image_grid(results["episodes"][0], figures / "images.png", ctx.config.report.grid_images)
+    curves = report._plot_curves(results, figures)
+    estimates_html = "".join(f"<li>{html.escape(line)}</li>" for line in estimate_lines(estimates))
+    body = "\n".join([
+        f"<h2>Accuracy</h2><ul>{estimates_html}</ul><p>See MODEL_CARD.md for what each figure means.</p>",
+        f"<h2>Labelled and generated images</h2><p>Per class: your images, then up to "
+        f"{ctx.config.report.grid_images} generated ones.</p>{report._img(grid)}",
+        report._figure_section("Accuracy on the labelled (training) images during distillation: "
+                               "a fit check, not an accuracy estimate", curves),
+        f"<h2>Unlabelled images</h2><p>{html.escape(snapshot.pool)}</p>",
+    ])
+    path = out / "report.html"
+    write_text(path, report._page(f"tint fit: {', '.join(episode.classes)}", body))
+    return path
+
+
+# ----------------------------------------------------------------------------- the API
+
+
+def fit(data_dir: str | Path, out: str | Path, config: str | Path | None = None,
+        overrides: Sequence[str] = (), unlabeled: str | Path | None = None,
+        val: str | Path | None = None) -> Path:
+    """Train a tiny classifier on ``data_dir/<class>/<images>``; returns the model folder.
+
+    Resumable: the same call after a kill continues, after success computes nothing.
+    """
+    from tint.data.episodes import Episode, save_episodes
+    from tint.io import write_text
+
+    start = time.perf_counter()
+    out = Path(out)
+    images = read_labelled_folder(data_dir)
+    val_images = read_labelled_folder(val, "--val") if val is not None else None
+    check_images_decode(images)
+    work = out / "work"
+    cfg = load_fit_config(config, overrides, work, Path(unlabeled) if unlabeled is not None else None)
+    work.mkdir(parents=True, exist_ok=True)
+    snapshot = make_snapshot(images, cfg, work, Path(unlabeled) if unlabeled is not None else None)
+    episode_file = work / "episode.json"
+    save_episodes(episode_file, [Episode(images.classes, snapshot.support, snapshot.query)],
+                  {"dataset": f"folder:{snapshot.data_root}", "how": "tint fit: every labelled image"})
+    cfg = with_snapshot(cfg, snapshot, episode_file)
+    from tint.config import dump_config
+
+    write_text(work / "config.yaml", dump_config(cfg))
+    ctx, episode, handler = run_units(cfg, work / "log.txt")
+    from tint.pipeline import LOGGER
+
+    try:
+        estimates = estimate(ctx, episode, snapshot, val_images)
+        estimates = {k: v for k, v in estimates.items() if k in (
+            "teacher_leave_one_out", "agreement_generated", "agreement_unlabeled", "val")}
+        write_model_folder(ctx, episode, out, images, snapshot, estimates, images.sha256(),
+                           time.perf_counter() - start)
+        LOGGER.info("tint fit: model folder %s written", out)
+    finally:
+        LOGGER.removeHandler(handler)
+        handler.close()
+    return out
+
+
+# ----------------------------------------------------------------------------- command
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("data_dir", type=Path, help="labelled images: DATA_DIR/<class>/<images>")
+    parser.add_argument("config", type=Path, nargs="?", default=None,
+                        help="a run config YAML (default: the embedded tint/configs/fit.yaml)")
+    parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key (repeatable), e.g. distill.iterations=300")
+    parser.add_argument("--unlabeled", type=Path, default=None,
+                        help="your own unlabelled in-domain images for the distillation loss "
+                             "(default: the embedded openclipart base pool)")
+    parser.add_argument("--val", type=Path, default=None,
+                        help="labelled validation images, same layout: real accuracy on the card")
+    parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (config key device)")
+
+
+def run(args: argparse.Namespace) -> int:
+    overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
+    out = fit(args.data_dir, args.out, args.config, overrides, args.unlabeled, args.val)
+    from tint.io import read_json
+
+    labels = read_json(out / LABELS_FILE)
+    print(f"model folder: {out} ({len(labels['classes'])} classes: {', '.join(labels['classes'])})")
+    card = (out / "MODEL_CARD.md").read_text().split("## Accuracy", 1)[1].split("## Intended", 1)[0]
+    for line in card.strip().splitlines():
+        if line.startswith("- "):
+            print(f"  {line[2:]}")
+    print(f"use it: tint predict {out} IMAGES_OR_FOLDERS...")
+    return 0
