@@ -281,3 +281,71 @@ def test_capped_real_mining_uses_what_the_pool_has(data_root, tmp_path):
     computed.clear()
     run_pipeline(config_from_dict(config), hooks={"*": lambda s, label: computed.append(s)})
     assert "generate" not in computed
+
+
+def test_a_flipped_bit_in_a_finished_student_is_recomputed_not_trusted(finished_run):
+    """Issue 15.1: the marker's hashes catch the damage; the student is rebuilt from its
+    checkpoint, so the rerun ends with the same weights and accuracies."""
+    run_dir, results = finished_run
+    before = student_weights(run_dir)
+    path = sorted((run_dir / "artifacts" / "distill").glob("*/student.safetensors"))[0]
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x04
+    path.write_bytes(bytes(data))
+    computed: list[str] = []
+    rerun = run_pipeline(_config_of(run_dir), hooks={"*": lambda s, label: computed.append(s)})
+    assert computed == ["distill"]
+    assert rerun["summary"] == results["summary"]
+    after = student_weights(run_dir)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def _small(data_root: Path, run_dir: Path, **overrides) -> dict:
+    return tiny_config(data_root, run_dir, **{"data.n_episodes": 1, "export": {"enabled": False},
+                                              "report": {"enabled": False}, **overrides})
+
+
+def test_students_with_the_same_sources_get_identical_weights(data_root, tmp_path):
+    """Issue 15.3: students of one episode share their seeds (not derived from their names),
+    so two students that read the same data are the same student; repeats differ."""
+    config = _small(data_root, tmp_path / "run", **{"distill.repeats": 2})
+    config["students"] = [{"name": n, "arch": "conv4", "sources": ["base", "support"]} for n in ("a", "b")]
+    results = run_pipeline(config_from_dict(config))
+    episode = results["episodes"][0]
+    assert episode["accuracy"]["a"] == episode["accuracy"]["b"]
+    assert episode["repeats"]["a"] == episode["repeats"]["b"] and len(episode["repeats"]["a"]) == 2
+    assert episode["accuracy"]["a"] == pytest.approx(sum(episode["repeats"]["a"]) / 2)
+    folders = sorted((tmp_path / "run" / "artifacts" / "distill").glob("*/student.safetensors"))
+    assert len(folders) == 2  # one per repeat, shared by a and b
+    first, second = (load_tensors(p)[0] for p in folders)
+    assert any(not torch.equal(first[k], second[k]) for k in first)  # repeats: other seeds
+
+
+def test_the_no_synthetic_student_is_shared_across_generator_settings(data_root, tmp_path):
+    """Issue 10.3: keyed on the base labels it reads, the no-synthetic student is computed
+    once for every synthetic count (and the same student as before, bit for bit)."""
+    store = tmp_path / "store"
+    first = run_pipeline(config_from_dict(_small(data_root, tmp_path / "a")), store=store)
+    computed: list[tuple[str, str]] = []
+    second = run_pipeline(config_from_dict(_small(data_root, tmp_path / "b", **{"generator.images_per_class": 2})),
+                          store=store, hooks={"*": lambda s, label: computed.append((s, label))})
+    assert ("distill", "ep000/with-tint") in computed
+    assert ("distill", "ep000/without-synthetic") not in computed
+    acc = [r["episodes"][0]["accuracy"]["without-synthetic"] for r in (first, second)]
+    assert acc[0] == acc[1]
+
+
+def test_the_unit_graph_is_data_in_a_runnable_order(data_root, tmp_path):
+    from tint.pipeline import make_context, plan_units, prepare, unit_done
+
+    ctx = make_context(config_from_dict(_small(data_root, tmp_path / "run")))
+    episodes = prepare(ctx)
+    units = plan_units(ctx, episodes)
+    by_id = {u.id: u for u in units}
+    assert by_id["distill/ep000/s00"].needs == ("label-base/ep000",)  # not waiting for generation
+    assert {"generate/ep000/c00", "label-base/ep000"} <= set(by_id["pseudo-label/ep000"].needs)
+    seen: set[str] = set()
+    for unit in units:  # the local order runs every unit after what it needs
+        assert set(unit.needs) <= seen, unit.id
+        seen.add(unit.id)
+    assert not any(unit_done(ctx, episodes, u) for u in units)

@@ -122,8 +122,7 @@ def run_stage(ctx: StageContext, stage: str, folder: Path, key: Any, label: str,
               is_done: Callable[[dict], bool] | None = None) -> dict:
     """Run `work(folder)` unless `folder/done.json` says it is complete for `key`.
 
-    Returns the marker: the key, the seconds the work took (kept from the first run
-    across resumes), the SHA-256 of every file the stage wrote, and whatever `work`
+    Returns the marker: the key, the seconds the work took, the SHA-256 of every file the stage wrote, and whatever `work`
     returned.
     """
     marker = finished_marker(ctx, stage, folder, key, label, is_done)
@@ -169,9 +168,9 @@ def finished_marker(ctx: StageContext, stage: str, folder: Path, key: Any, label
         return None
     damaged = damaged_files(folder, marker.get("files", {}))
     if damaged:
-        LOGGER.warning("%-12s %s: %s changed or missing since it was written (%s); recomputing",
-                       stage, label, damaged[0], f"{len(damaged)} file(s)")
-        if repair:
+        if repair:  # said once, by the process that will recompute it
+            LOGGER.warning("%-12s %s: %s changed or missing since it was written (%s); recomputing",
+                           stage, label, damaged[0], f"{len(damaged)} file(s)")
             for name in damaged:
                 (folder / name).unlink(missing_ok=True)
             marker_path.unlink(missing_ok=True)
@@ -191,7 +190,6 @@ def _compute_stage(ctx: StageContext, stage: str, folder: Path, key: Any, label:
     if stage in ctx.hooks:
         ctx.hooks[stage](label)
     start = time.perf_counter()
-    previous = read_marker(folder)  # a resumed stage keeps its first run's time
     try:
         info = work(folder) or {}
     except NonFiniteError:
@@ -201,8 +199,6 @@ def _compute_stage(ctx: StageContext, stage: str, folder: Path, key: Any, label:
             raise _nan_error(stage, label, ctx, str(err)) from err
         raise
     seconds = time.perf_counter() - start
-    if previous and previous.get("key") == jsonable(key) and "seconds" in previous:
-        seconds = max(seconds, float(previous["seconds"]))
     marker = {"stage": stage, "label": label, "key": jsonable(key), "seconds": seconds,
               "finished": datetime.now(UTC).isoformat(timespec="seconds"), **info,
               "files": hash_files(folder)}

@@ -7,6 +7,7 @@ half-written artifact that a resumed run would trust.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -61,25 +62,57 @@ def read_json(path: str | Path) -> Any:
         raise TintError(f"{path}: not valid JSON ({err}); delete it to recompute") from err
 
 
+class DamagedFileError(TintError):
+    """A tensor file that is truncated, unreadable or no longer matches its checksum."""
+
+
+CHECKSUM_KEY = "tint_sha256"
+
+
+def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of names, dtypes, shapes and bytes: what a flipped bit or a truncation changes."""
+    digest = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{list(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Save tensors as safetensors; `metadata` (JSON-able) is stored under the key 'tint'."""
-    meta = {"tint": json.dumps(metadata, default=str)} if metadata is not None else None
+    """Save tensors as safetensors; `metadata` (JSON-able) is stored under the key 'tint', and
+    a checksum of the tensors beside it, verified by `load_tensors`."""
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    meta = {CHECKSUM_KEY: tensors_sha256(contiguous)}
+    if metadata is not None:
+        meta["tint"] = json.dumps(metadata, default=str)
     with atomic_path(path) as tmp:
         save_file(contiguous, str(tmp), metadata=meta)
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """Load a safetensors file and the metadata saved by `save_tensors` (never unpickles)."""
+    """Load a safetensors file and the metadata saved by `save_tensors` (never unpickles).
+
+    A truncated file or one whose tensors no longer match their checksum raises
+    `DamagedFileError` (a TintError naming the file), never a raw library error.
+    """
     path = Path(path)
     if not path.is_file():
         raise TintError(f"{path}: file not found")
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
-    with safe_open(str(path), framework="pt") as handle:
-        raw = handle.metadata() or {}
-    meta = json.loads(raw["tint"]) if "tint" in raw else None
-    return load_file(str(path)), meta
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            raw = handle.metadata() or {}
+        tensors = load_file(str(path))
+        meta = json.loads(raw["tint"]) if "tint" in raw else None
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise DamagedFileError(f"{path}: damaged or truncated tensor file ({err}); delete it and "
+                               "run the same command again to recompute it") from err
+    if CHECKSUM_KEY in raw and tensors_sha256(tensors) != raw[CHECKSUM_KEY]:
+        raise DamagedFileError(f"{path}: its tensors no longer match their checksum (the file was "
+                               "changed or damaged); delete it and run the same command again")
+    return tensors, meta
 
 
 @contextmanager

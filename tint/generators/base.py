@@ -160,7 +160,9 @@ def check_count(n_images: int) -> None:
         raise TintError(f"n_images must be >= 0, got {n_images}")
 
 
-NOT_RECORDED = ("progress",)  # display-only settings: never make an artifact stale
+# Display/execution-only settings: never make an artifact stale (nti_batch: batched NTI
+# equals one-at-a-time up to rounding, tests/test_ddim_nti.py)
+NOT_RECORDED = ("progress", "nti_batch")
 
 
 def settings_dict(settings: Any) -> dict[str, Any]:

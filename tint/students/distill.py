@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from tint.errors import TintError
-from tint.io import load_tensors, save_tensors, write_json, write_text
+from tint.io import DamagedFileError, load_tensors, save_tensors, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -473,7 +473,12 @@ def _resume(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
             fingerprint: str) -> int:
     if not path.is_file():
         return 0
-    _, meta = load_tensors(path)
+    try:
+        _, meta = load_tensors(path)
+    except DamagedFileError as err:  # never resume from a damaged checkpoint
+        log.warning("distill: %s; starting from step 0", err)
+        path.unlink(missing_ok=True)
+        return 0
     if meta and meta.get("fingerprint") != fingerprint:
         raise TintError(f"{path}: checkpoint was made with different distillation settings; "
                         "delete it (or the run directory) to start over")
@@ -485,7 +490,10 @@ def _resume(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
 def _saved_step(path: Path) -> int:
     if not path.is_file():
         return 0
-    _, meta = load_tensors(path)
+    try:
+        _, meta = load_tensors(path)
+    except DamagedFileError:
+        return 0
     return int((meta or {}).get("step", 0))
 
 

@@ -1,0 +1,135 @@
+"""The stage engine: verified markers (content hashes), damaged files, checksummed tensors."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+import torch
+
+from tint.engine import DONE, run_stage
+from tint.errors import TintError
+from tint.io import DamagedFileError, load_tensors, save_tensors
+
+
+@dataclass
+class Ctx:
+    run_dir: Path
+    seed: int = 0
+    hooks: dict = field(default_factory=dict)
+    markers: dict = field(default_factory=dict)
+
+
+def _stage(ctx: Ctx, folder: Path, calls: list[int]) -> dict:
+    def work(f: Path) -> dict:
+        calls.append(1)
+        (f / "out.txt").write_text("payload")
+        (f / "sub").mkdir(exist_ok=True)
+        (f / "sub" / "deep.bin").write_bytes(b"\x00\x01\x02")
+        return {"value": 7}
+
+    return run_stage(ctx, "demo", folder, {"k": 1}, "x", work)
+
+
+def test_marker_records_hashes_and_a_finished_stage_is_skipped(tmp_path):
+    calls: list[int] = []
+    marker = _stage(Ctx(tmp_path), tmp_path / "s", calls)
+    assert set(marker["files"]) == {"out.txt", "sub/deep.bin"} and len(calls) == 1
+    _stage(Ctx(tmp_path), tmp_path / "s", calls)  # a new process: verified, skipped
+    assert len(calls) == 1
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
+def test_a_damaged_file_makes_the_stage_recompute_with_one_line(tmp_path, caplog, damage):
+    calls: list[int] = []
+    folder = tmp_path / "s"
+    _stage(Ctx(tmp_path), folder, calls)
+    target = folder / "sub" / "deep.bin"
+    if damage == "flip":
+        target.write_bytes(b"\x00\x01\x03")
+    elif damage == "truncate":
+        target.write_bytes(b"\x00")
+    else:
+        target.unlink()
+    with caplog.at_level(logging.WARNING, logger="tint"):
+        marker = _stage(Ctx(tmp_path), folder, calls)
+    assert len(calls) == 2 and target.read_bytes() == b"\x00\x01\x02"
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "sub/deep.bin changed or missing" in warnings[0]
+    assert json.loads((folder / DONE).read_text())["files"] == marker["files"]
+
+
+def test_subfolders_with_their_own_marker_belong_to_their_own_stage(tmp_path):
+    calls: list[int] = []
+    folder = tmp_path / "s"
+    _stage(Ctx(tmp_path), folder, calls)
+    inner = folder / "inner"
+    run_stage(Ctx(tmp_path), "inner", inner, {"k": 2}, "y", lambda f: (f / "a.txt").write_text("1") and None)
+    (inner / "a.txt").write_text("changed later by its own stage")
+    _stage(Ctx(tmp_path), folder, calls)
+    assert len(calls) == 1  # the outer stage does not own inner/a.txt
+
+
+def test_tensor_files_carry_a_checksum(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_tensors(path, {"w": torch.arange(1000, dtype=torch.float32)}, {"step": 3})
+    tensors, meta = load_tensors(path)
+    assert meta == {"step": 3} and torch.equal(tensors["w"], torch.arange(1000, dtype=torch.float32))
+    data = bytearray(path.read_bytes())
+    data[-10] ^= 0x01  # one flipped bit in the tensor data
+    path.write_bytes(bytes(data))
+    with pytest.raises(DamagedFileError, match="no longer match their checksum"):
+        load_tensors(path)
+    path.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(DamagedFileError, match="damaged or truncated"):
+        load_tensors(path)
+    assert issubclass(DamagedFileError, TintError)
+
+
+def test_a_damaged_distillation_checkpoint_is_not_resumed_from(tmp_path, caplog):
+    from tint.students.distill import CHECKPOINT_NAME, DistillConfig, DistillSource, distill
+    from tint.students.models import create_student
+
+    torch.manual_seed(0)
+    images = torch.rand(12, 3, 16, 16)
+    sources = {"support": DistillSource(torch.arange(12) % 3, images=images)}
+    config = DistillConfig(iterations=4, batch_size=6, checkpoint_every=2, eval_every=2, lr_drop_at=None,
+                           sources=("support",), seed=1)
+
+    def train(folder: Path, stop_at: int | None = None):
+        torch.manual_seed(5)  # the engine seeds each stage like this
+        student = create_student("conv4", 3, image_size=16)
+        hook = None
+        if stop_at is not None:
+            def hook(step, loss):
+                if step == stop_at:
+                    raise KeyboardInterrupt
+        return distill(student, sources, config, folder, progress=False, on_step=hook)
+
+    reference = load_tensors(train(tmp_path / "ref").final_path)[0]
+    with pytest.raises(KeyboardInterrupt):
+        train(tmp_path / "run", stop_at=3)
+    checkpoint = tmp_path / "run" / CHECKPOINT_NAME
+    data = bytearray(checkpoint.read_bytes())
+    data[-5] ^= 0x10
+    checkpoint.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        result = train(tmp_path / "run")
+    assert result.resumed_from == 0
+    assert any("starting from step 0" in r.getMessage() for r in caplog.records)
+    final = load_tensors(result.final_path)[0]
+    assert all(torch.equal(reference[k], final[k]) for k in reference)
+
+
+def test_a_manifest_may_only_name_files_in_its_own_folder(tmp_path):
+    from tint.generators.base import MANIFEST_NAME, manifest_paths
+
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    (tmp_path / "outside.png").write_bytes(b"x")
+    (folder / MANIFEST_NAME).write_text(json.dumps({"class": "a", "index": 0, "file": "../outside.png"}) + "\n")
+    with pytest.raises(TintError, match="outside"):
+        manifest_paths(folder, "a")
