@@ -35,6 +35,10 @@ class Registry(Mapping[str, str]):
     def names(self) -> list[str]:
         return list(self._targets)
 
+    def register(self, name: str, target: str) -> None:
+        """Add (or replace) a component: `target` is "module" or "module:attribute"."""
+        self._targets[name] = target
+
     def check(self, name: str, key: str | None = None) -> None:
         """Refuse an unknown name; the message names `key` (e.g. ``generator.name``) if given."""
         if name not in self._targets:

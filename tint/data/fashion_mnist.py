@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tint.data.arrays import read_idx
-from tint.data.datasets import FewShotDataset
+from tint.data.base import FewShotDataset
 from tint.errors import TintError
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from tint.data.arrays import get_key, safe_unpickle
-from tint.data.datasets import SPLITS, FewShotDataset, check_unique
+from tint.data.base import SPLITS, FewShotDataset, check_unique
 from tint.errors import TintError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}

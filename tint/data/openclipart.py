@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tint.data.datasets import FewShotDataset
+from tint.data.base import FewShotDataset
 from tint.data.images import to_rgb
 from tint.errors import TintError
 

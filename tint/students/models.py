@@ -16,36 +16,44 @@ import torch
 from torch import nn
 
 from tint.errors import TintError
+from tint.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 StudentBuilder = Callable[..., "Student"]
-_REGISTRY: dict[str, StudentBuilder] = {}
+# name -> builder(num_classes, **kwargs), as every tint registry (tint.registry).
+STUDENTS = Registry("student", {
+    "conv4": "tint.students.models:conv4",
+    "resnet12": "tint.students.models:resnet12",
+})
 
 
 def register_student(name: str) -> Callable[[StudentBuilder], StudentBuilder]:
-    """Decorator: make a builder available to `create_student(name, ...)`."""
+    """Decorator: make a module-level builder available to `create_student(name, ...)`."""
 
     def decorate(builder: StudentBuilder) -> StudentBuilder:
-        _REGISTRY[name] = builder
+        STUDENTS.register(name, f"{builder.__module__}:{builder.__qualname__}")
         return builder
 
     return decorate
 
 
 def list_students() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(STUDENTS)
+
+
+available_students = list_students
 
 
 def create_student(name: str, num_classes: int, **kwargs) -> Student:
     """Build the student called `name` with a `num_classes`-way linear head."""
     key = name.lower()
-    if key not in _REGISTRY:
+    if key not in STUDENTS:
         raise TintError(f"unknown student {name!r}; choose one of: {', '.join(list_students())}")
     if num_classes < 1:
         raise TintError(f"student {name!r}: num_classes must be >= 1, got {num_classes}")
-    return _REGISTRY[key](num_classes=num_classes, **kwargs)
+    return STUDENTS.load(key)(num_classes=num_classes, **kwargs)
 
 
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
@@ -148,7 +156,6 @@ class Conv4Features(nn.Module):
         return torch.flatten(fmap, 1)
 
 
-@register_student("conv4")
 def conv4(num_classes: int, image_size: int = 84, pool: str = "flatten") -> Student:
     backbone = Conv4Features(image_size=image_size, pool=pool)
     _init_weights(backbone)
@@ -211,7 +218,6 @@ class ResNet12Features(nn.Module):
         return self.layers(self.normalize(x)).mean(dim=(2, 3))
 
 
-@register_student("resnet12")
 def resnet12(
     num_classes: int,
     widths: tuple[int, ...] = (64, 128, 256, 512),
