@@ -495,21 +495,10 @@ def fitted_teacher(ctx: RunContext, episode: EpisodeData):
 
 def generator_settings(config: RunConfig) -> tuple[Any, Any]:
     """The generator's (SpecializeSettings, GenerateSettings), validated; errors name the key."""
-    from tint.generators import create_generator
-    from tint.generators.base import settings_from
+    from tint.generators import resolve_settings
 
     gen = config.generator
-    module = create_generator(gen.name)
-    resolved = []
-    for part, cls_name in (("specialize", "SpecializeSettings"), ("generate", "GenerateSettings")):
-        cls, values = getattr(module, cls_name, None), getattr(gen, part)
-        if cls is None and values:
-            raise TintError(f"generator.{part}: generator {gen.name!r} takes no settings here")
-        try:
-            resolved.append(None if cls is None else settings_from(cls, values))
-        except (TintError, TypeError) as err:
-            raise TintError(f"generator.{part}: {err}") from err
-    return resolved[0], resolved[1]
+    return resolve_settings(gen.name, gen.specialize, gen.generate)
 
 
 def _settings_key(settings: Any, values: dict) -> dict:
