@@ -12,6 +12,7 @@ import errno
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from tint.errors import TintError
 
@@ -86,10 +87,23 @@ def _fail(name: str, message: str) -> int:
 def os_error_message(err: OSError) -> str:
     """An operating-system error as one line: the path, what happened, what to do."""
     paths = [str(p) for p in (err.filename, err.filename2) if p is not None]
-    where = " -> ".join(paths) if paths else "a file"
+    where = " -> ".join(paths) if paths else _path_in_traceback(err) or "a file"
     reason = err.strerror or str(err) or type(err).__name__
     advice = _OS_ADVICE.get(err.errno or 0, "check the path and run the same command again")
     return f"{where}: {reason}; {advice}"
+
+
+def _path_in_traceback(err: BaseException) -> str | None:
+    """The file a failed write() was writing: such errors (a full disk) carry no name,
+    but the innermost tint function on the way down holds it as `path`."""
+    tb, found = err.__traceback__, None
+    while tb is not None:
+        frame = tb.tb_frame
+        value = frame.f_locals.get("path")
+        if frame.f_globals.get("__name__", "").startswith("tint.") and isinstance(value, str | Path):
+            found = str(value)
+        tb = tb.tb_next
+    return found
 
 
 _OS_ADVICE = {

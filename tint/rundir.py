@@ -76,8 +76,9 @@ def make_run_dir(run_dir: Path) -> None:
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError) as err:
-        raise TintError(f"run dir {run_dir}: a parent folder is a file ({err.filename}); "
-                        "choose another --run-dir") from err
+        blocking = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), None)
+        raise TintError(f"run dir {run_dir}: {blocking or err.filename} is a file, not a "
+                        "folder; choose another --run-dir") from err
 
 
 @contextmanager
