@@ -80,6 +80,10 @@ class DiffusionBackbone:
     tokenizer: Any  # a transformers tokenizer
     resolution: int  # image side the model works at
     latent_scale: float | None = None  # None: the VAE config's scaling_factor (1 for identity)
+    # Execution only (never in a key): the autocast precision of training-like stages on
+    # float32 weights (textual inversion; tint.devices), and the VAE decode slice size.
+    precision: str = "fp32"
+    vae_slice_size: int | None = None  # decode this many latents at a time (None: all)
 
     def __post_init__(self) -> None:
         if self.latent_scale is None:
@@ -164,13 +168,26 @@ class DiffusionBackbone:
             return posterior.mean * self.latent_scale
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """Scaled latents -> images [B,3,H,W] in [0,1] (float32)."""
+        """Scaled latents -> images [B,3,H,W] in [0,1] (float32), `vae_slice_size` at a time
+        (SD's VAE decoder at 512px needs ~2.5 GB of activations per image in fp16)."""
         z = z.to(self.device, self.vae_dtype)
+        size = self.vae_slice_size or max(z.shape[0], 1)
+        return torch.cat([self._decode(part) for part in z.split(size)])
+
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
             if self.is_pixel_space:
                 return self.vae.decode(z).float()
             x = self.vae.decode(z / self.latent_scale).sample
             return ((x.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+    # --- execution ---------------------------------------------------------------------------
+    def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> DiffusionBackbone:
+        """Move UNet, autoencoder and text encoder to `device` (and `dtype`); returns self."""
+        for module in (self.unet, self.vae, self.text_encoder):
+            # nn.Module.to: diffusers' override warns on every dtype cast (for nothing here)
+            nn.Module.to(module, device=device, dtype=dtype)
+        return self
 
     @property
     def vae_dtype(self) -> torch.dtype:
@@ -519,11 +536,44 @@ EMBEDDED_GENERATOR = "tint-clipart"
 EMBEDDED_GENERATOR_DIR = Path(__file__).resolve().parent.parent / "assets" / "generator"
 
 
-def load_backbone(spec: str | Path, **kwargs: Any) -> DiffusionBackbone:
+def load_backbone(spec: str | Path, device: str | torch.device = "cpu",
+                  dtype: torch.dtype = torch.float32, precision: str = "fp32",
+                  vae_slice_size: int | None = None, **kwargs: Any) -> DiffusionBackbone:
     """Backbone by spec: "tiny" (latent, eps), "tiny-pixel-v" (pixel, v), "sd15-random"
     (SD 1.5 architecture, random weights), "tint-clipart" (the embedded generator),
     a tint small generator folder (has
-    ``tint_generator.json``), or an SD folder / hub id."""
+    ``tint_generator.json``), or an SD folder / hub id.
+
+    UNet, autoencoder and text encoder end up on `device` in `dtype` (float32 for
+    specialisation, fp16/bf16 for sampling on CUDA: tint.devices); `precision` is the
+    autocast precision of textual inversion over float32 weights."""
+    backbone = _load_backbone_on_cpu(spec, **kwargs)
+    backbone.to(device, dtype)
+    backbone.precision = precision
+    backbone.vae_slice_size = vae_slice_size
+    return backbone
+
+
+def compile_unet(backbone: DiffusionBackbone, mode: str = "max-autotune-no-cudagraphs") -> DiffusionBackbone:
+    """`torch.compile` the UNet for sampling (an option, off by default: the first batch
+    pays minutes of compilation, worth it only for thousands of images)."""
+    if not hasattr(backbone.unet, "_orig_mod"):
+        backbone.unet = torch.compile(backbone.unet, mode=mode, fullgraph=False)
+    return backbone
+
+
+def attention_processors(backbone: DiffusionBackbone) -> dict[str, int]:
+    """Count of the UNet's attention processor classes, e.g. {"AttnProcessor2_0": 2}:
+    diffusers' default on torch 2 is AttnProcessor2_0, i.e. PyTorch's SDPA kernels."""
+    unet = getattr(backbone.unet, "_orig_mod", backbone.unet)
+    counts: dict[str, int] = {}
+    for processor in getattr(unet, "attn_processors", {}).values():
+        name = type(processor).__name__
+        counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+def _load_backbone_on_cpu(spec: str | Path, **kwargs: Any) -> DiffusionBackbone:
     text = str(spec)
     if text in ("sd15-random", "tiny", "tiny-pixel-v"):
         build = build_random_sd15_backbone if text == "sd15-random" else build_tiny_backbone

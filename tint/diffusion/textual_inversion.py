@@ -10,6 +10,10 @@ the text encoder's embedding layer is wrapped so that the placeholder's id reads
 vector and every other id reads the untouched table, so all other rows stay bit-identical
 by construction (and are checked afterwards). The learned vector is written to its row at
 the end and can be saved in diffusers' textual-inversion format.
+
+Precision: the trained vector, the optimiser state and the loss are float32; the forward pass
+runs under autocast in `backbone.precision` (bf16 on CUDA by default, a no-op for fp32) with
+loss scaling for fp16 (tint.devices).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from tint.devices import autocast, grad_scaler
 from tint.diffusion.ddim import frozen_parameters, unet_output
 from tint.errors import TintError
 from tint.io import load_tensors, save_tensors
@@ -227,20 +232,23 @@ def textual_inversion(
 def _train(backbone, layer, latents, input_ids, generator, optimizer, config, t_min, t_max,
            progress) -> list[float]:
     losses: list[float] = []
+    scaler = grad_scaler(backbone.device, backbone.precision)
     bar = tqdm(range(config.steps), desc="textual inversion", disable=not progress, leave=False)
     for step in bar:
         optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for _ in range(config.grad_accum):
-            loss = _batch_loss(backbone, latents, input_ids, generator, config, t_min, t_max)
+            with autocast(backbone.device, backbone.precision):
+                loss = _batch_loss(backbone, latents, input_ids, generator, config, t_min, t_max)
             if not math.isfinite(loss.item()):
                 raise TintError(
                     f"textual inversion: loss is {loss.item()} at step {step}; nothing was "
                     "written. Check the images (NaN?) and run the model in float32"
                 )
-            (loss / config.grad_accum).backward()
+            scaler.scale(loss / config.grad_accum).backward()
             total += loss.item() / config.grad_accum
-        optimizer.step()
+        scaler.step(optimizer)
+        scaler.update()
         losses.append(total)
         if config.log_every and step % config.log_every == 0:
             bar.set_postfix(loss=f"{total:.4f}")
