@@ -3,16 +3,24 @@
 Writes one artifact per class into --out plus ``specialize.json`` (what was run: backbone,
 dataset, episode, settings). Re-running skips classes whose artifact is complete and was made
 with the same settings, so a killed run resumes where it stopped.
+
+The settings flags are derived from the registered generators' ``SpecializeSettings`` fields
+(``ti_lr`` -> ``--ti-lr``): a new setting gets its flag without touching this file, and an
+unset flag keeps the chosen generator's own default.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
+import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 from tqdm.auto import tqdm
 
 from tint.errors import TintError
@@ -22,6 +30,7 @@ from tint.generators.base import (
     artifact_path,
     load_artifact,
     settings_dict,
+    settings_from,
     support_fingerprint,
 )
 from tint.io import set_threads, write_json
@@ -48,27 +57,90 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k-shot", type=int, default=5, help="without --episodes: supports/class")
     parser.add_argument("--seed", type=int, default=0, help="episode sampling and TI seed")
     parser.add_argument("--out", type=Path, required=True, help="artifact folder")
-    parser.add_argument("--ti-steps", type=int, default=5000)
-    parser.add_argument("--ti-lr", type=float, default=1e-3)
-    parser.add_argument("--ti-t-min", type=int, default=None,
-                        help="lowest TI timestep (default: the generator's own: 250 for tint, "
-                             "0 for plain-ti)")
-    parser.add_argument("--ti-batch-size", type=int, default=1)
-    parser.add_argument("--ti-grad-accum", type=int, default=1)
-    parser.add_argument("--nti-lr", type=float, default=1e-2)
-    parser.add_argument("--nti-inner-steps", type=int, default=10)
-    parser.add_argument("--nti-schedule", choices=("decay", "constant"), default="decay")
-    parser.add_argument("--num-steps", type=int, default=50, help="DDIM steps")
-    parser.add_argument("--guidance", type=float, default=7.5, help="CFG scale")
-    parser.add_argument("--super-resolver", default=None,
-                        help="bridge super-resolution: none (bilinear only), bilinear, bicubic, "
-                             "a TorchScript file or a diffusers upscaler folder")
-    parser.add_argument("--no-store-support", action="store_true",
-                        help="do not keep the bridged supports in the artifacts")
+    add_settings_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="redo classes whose artifact was made with other settings")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+# SpecializeSettings fields set from the command's own flags (not a flag of their own).
+FROM_COMMAND = {"backbone": "--backbone", "dataset_resolution": "--resolution",
+                "seed": "--seed", "progress": None}
+
+
+def settings_fields() -> dict[str, tuple[Any, dict[str, Any]]]:
+    """field -> (type, {generator: its default}) over every registered generator's
+    SpecializeSettings, in registry and field order."""
+    out: dict[str, tuple[Any, dict[str, Any]]] = {}
+    for name in available_generators():
+        cls = create_generator(name).SpecializeSettings
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if f.name in FROM_COMMAND:
+                continue
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+            out.setdefault(f.name, (hints[f.name], {}))[1][name] = default
+    return out
+
+
+def add_settings_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "specialisation settings", "the generator's SpecializeSettings (docs/generators.md); "
+        "unset: the chosen generator's own default")
+    for name, (hint, defaults) in settings_fields().items():
+        flag = "--" + name.replace("_", "-")
+        text = _defaults_help(defaults)
+        if hint is bool:
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                               help=text)
+        elif _is_sequence(hint):
+            group.add_argument(flag, nargs="*", type=_flag_value(hint), default=None,
+                               metavar="VALUE", help=text)
+        else:
+            group.add_argument(flag, type=_flag_value(hint), default=None, metavar="VALUE",
+                               help=text)
+
+
+def _defaults_help(defaults: dict[str, Any]) -> str:
+    """"tint: 250; plain-ti, da-fusion: 0": which generators have it, with what default."""
+    by_value: dict[str, list[str]] = {}
+    for generator, value in defaults.items():
+        by_value.setdefault(repr(value), []).append(generator)
+    return "; ".join(f"{', '.join(names)}: {value}" for value, names in by_value.items())
+
+
+def _is_sequence(hint: Any) -> bool:
+    options = [hint, *typing.get_args(hint)]
+    return any(typing.get_origin(t) in (list, tuple, Sequence) for t in options)
+
+
+def _flag_value(hint: Any):
+    """Text flags stay text; anything else is read as YAML (3, 1e-3, null, [96, sr])."""
+    text_only = hint is str or set(typing.get_args(hint)) == {str, type(None)}
+
+    def parse(text: str) -> Any:
+        return text if text_only else yaml.safe_load(text)
+
+    return parse
+
+
+def build_settings(generator: Any, args: argparse.Namespace, resolution: int) -> Any:
+    """The generator's SpecializeSettings from the flags given (checked like a config)."""
+    cls = generator.SpecializeSettings
+    known = {f.name for f in dataclasses.fields(cls)}
+    values = {}
+    for name in settings_fields():
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name not in known:
+            raise TintError(f"--{name.replace('_', '-')}: generator {generator.NAME!r} has no "
+                            f"setting {name!r}; its settings: {', '.join(sorted(known))}")
+        values[name] = value
+    common = {"backbone": args.backbone, "dataset_resolution": resolution, "seed": args.seed}
+    values.update({k: v for k, v in common.items() if k in known})
+    return settings_from(cls, values, "")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,23 +203,6 @@ def resolve_supports(args: argparse.Namespace) -> tuple[Any, list[str], dict[str
         if not items:
             raise TintError(f"class {name!r}: the episode has no support images for it")
     return dataset, list(episode.classes), supports, info
-
-
-def build_settings(generator: Any, args: argparse.Namespace, resolution: int) -> Any:
-    """The generator's SpecializeSettings from the CLI flags it knows."""
-    values = {
-        "backbone": args.backbone, "ti_steps": args.ti_steps, "ti_lr": args.ti_lr,
-        "ti_t_min": args.ti_t_min, "ti_batch_size": args.ti_batch_size,
-        "ti_grad_accum": args.ti_grad_accum, "nti_lr": args.nti_lr,
-        "nti_inner_steps": args.nti_inner_steps, "nti_schedule": args.nti_schedule,
-        "num_steps": args.num_steps, "guidance": args.guidance,
-        "super_resolver": args.super_resolver, "store_support": not args.no_store_support,
-        "dataset_resolution": resolution, "seed": args.seed,
-    }
-    cls = generator.SpecializeSettings
-    known = set(cls.__dataclass_fields__)
-    # Unset flags (None) keep the generator's own default.
-    return cls(**{k: v for k, v in values.items() if k in known and v is not None})
 
 
 def _class_done(generator: Any, out: Path, name: str, settings: Any, support: torch.Tensor,
