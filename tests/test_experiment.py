@@ -131,20 +131,6 @@ def test_tables_and_plots_are_written_for_numeric_and_categorical_axes(tmp_path)
             assert image.size[0] > 300 and image.size[1] > 100
 
 
-def test_cached_values_are_computed_once_per_key(tmp_path):
-    from tint.experiment import _cached_value
-
-    calls = []
-
-    def compute() -> float:
-        calls.append(1)
-        return 3.5
-
-    path = tmp_path / "fid" / "x.json"
-    assert _cached_value(path, {"a": 1}, compute) == 3.5
-    assert _cached_value(path, {"a": 1}, compute) == 3.5 and len(calls) == 1
-    assert _cached_value(path, {"a": 2}, compute) == 3.5 and len(calls) == 2  # other key
-
 
 def test_tables_only_redraws_from_results_json(tmp_path):
     from tint.errors import TintError

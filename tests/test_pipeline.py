@@ -243,7 +243,7 @@ def test_experiment_shares_artifacts_and_reruns_for_free(data_root, tmp_path):
                            hooks={"*": lambda stage, label: computed.append(stage)})
     assert set(computed) <= {"prepare", "evaluate"}, computed  # per-run-dir stages only
     assert [r["mean"] for r in other] == [r["mean"] for r in rows[2:]]
-    assert other[0]["fid"] > 0 and len(list((tmp_path / "store" / "fid").glob("*.json"))) == 2 * 3
+    assert other[0]["fid"] > 0 and len(list((tmp_path / "store" / "fid").glob("*/done.json"))) == 2 * 3
 
 
 def test_experiment_rejects_a_bad_cell_before_any_work(data_root, tmp_path):

@@ -24,6 +24,7 @@ import random
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
@@ -49,6 +50,16 @@ class StageContext(Protocol):
     hooks: dict[str, Callable[..., None]]
     markers: dict[str, dict]
     run_dir: Path
+
+
+@dataclass
+class StoreContext:
+    """A StageContext for stages outside a run (e.g. the FID cache of `tint experiment`)."""
+
+    run_dir: Path
+    seed: int = 0
+    hooks: dict[str, Callable[..., None]] = field(default_factory=dict)
+    markers: dict[str, dict] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- keys and seeds

@@ -181,6 +181,8 @@ def run_experiment(experiment: Experiment, full: bool = False, overrides: list[s
         except TintError as err:
             raise TintError(f"cell {cell.name}: {err}") from err
     store = experiment.store_dir
+    if configs and configs[0].executor.name == "ray":
+        configs = _run_all_cells_on_ray(configs, store, hooks)
     rows = []
     for i, (cell, config) in enumerate(zip(grid, configs, strict=True)):
         LOGGER.info("experiment %s: cell %d/%d %s", experiment.name, i + 1, len(grid), cell.name)
@@ -195,6 +197,17 @@ def run_experiment(experiment: Experiment, full: bool = False, overrides: list[s
     add_paired_differences(experiment, rows)
     write_tables(experiment, rows)
     return rows
+
+
+def _run_all_cells_on_ray(configs: list, store: Path, hooks: dict | None) -> list:
+    """Every cell's units as one Ray graph (shared artifacts run once); then the cells,
+    all done, are reported by the local executor."""
+    from dataclasses import replace
+
+    from tint.executors.ray_executor import run_experiment_cells
+
+    run_experiment_cells(configs, store, hooks)
+    return [replace(c, executor=replace(c.executor, name="local")) for c in configs]
 
 
 def delta_column(axis: str, reference: str) -> str:
@@ -231,7 +244,7 @@ def _cell_fid(config, results: dict, store: Path) -> float | None:
     experiments that share images compute it once."""
     import math
 
-    from tint.pipeline import stable_hash
+    from tint.engine import StoreContext, run_stage, stable_hash
 
     generated = [ep["_synthetic"] for ep in results["episodes"] if ep.get("_synthetic")]
     if not generated or not any(any(c) for c in generated[0]):
@@ -246,9 +259,10 @@ def _cell_fid(config, results: dict, store: Path) -> float | None:
             key = {"features": FID_FEATURES, "dataset": config.data.dataset,
                    "resolution": config.data.resolution, "real": real,
                    "generated": [_store_relative(p, store) for p in paths]}
-            value = _cached_value(store / "fid" / f"{stable_hash(key, 16)}.json", key,
-                                  lambda paths=paths, real=real: _class_fid(config, paths, real))
-            values.append(value)
+            marker = run_stage(StoreContext(store), "fid", store / "fid" / stable_hash(key, 16), key,
+                               f"ep{ep['index']:03d}/c{c:02d}",
+                               lambda f, paths=paths, real=real: {"value": _class_fid(config, paths, real)})
+            values.append(float(marker["value"]))
     values = [v for v in values if math.isfinite(v)]
     return sum(values) / len(values) if values else None
 
@@ -258,18 +272,6 @@ def _store_relative(path: str, store: Path) -> str:
         return str(Path(path).relative_to(store))
     except ValueError:
         return str(path)
-
-
-def _cached_value(path: Path, key: dict, compute) -> float:
-    from tint.io import read_json
-
-    if path.is_file():
-        cached = read_json(path)
-        if cached.get("key") == key:
-            return float(cached["value"])
-    value = float(compute())
-    write_json(path, {"key": key, "value": value})
-    return value
 
 
 def _class_fid(config, generated: list[str], real_items: list[str]) -> float:
@@ -457,9 +459,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--list", action="store_true", help="list the cells and exit")
     parser.add_argument("--tables-only", action="store_true",
                         help="redraw results.md/.csv/.png from the last run's results.json, run nothing")
+    from tint.run_cli import add_execution_arguments
+
+    add_execution_arguments(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tint.run_cli import execution_overrides
+
+    args.overrides = [*args.overrides, *execution_overrides(args)]
     experiment = load_experiment(args.config)
     if args.out_dir:
         experiment.out_dir = Path(args.out_dir)
