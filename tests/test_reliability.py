@@ -53,6 +53,14 @@ def write_config(path: Path, data_root: Path, run_dir: Path, **overrides) -> Pat
     return path
 
 
+def run_main(argv: list[str]) -> int:
+    """`tint.main`, with anything it lets escape (a traceback for a user) as a failure."""
+    try:
+        return main(argv)
+    except BaseException as err:  # noqa: BLE001 - KeyboardInterrupt and SystemExit too
+        pytest.fail(f"tint {' '.join(argv[:1])} raised {type(err).__name__}: {err}")
+
+
 def assert_one_line_error(code: int, expected_code: int, captured, *needles: str) -> str:
     """The exit status, one stderr line besides progress lines ("tint: ..."), every
     needle in it, no traceback."""
@@ -156,7 +164,7 @@ CLI_FAULTS: dict[str, Callable] = {
 def test_cli_fault_is_one_line(case, tmp_path, monkeypatch, capsys):
     argv, needles = CLI_FAULTS[case](tmp_path, monkeypatch)
     expected = 130 if case == "ctrl-c" else 2
-    line = assert_one_line_error(main(argv), expected, capsys.readouterr(), *needles)
+    line = assert_one_line_error(run_main(argv), expected, capsys.readouterr(), *needles)
     assert "--arch" not in line and "--num-classes" not in line  # options tint export lacks
 
 
@@ -243,7 +251,7 @@ def test_bad_episodes_are_refused_before_any_work(case, data_root, tmp_path, cap
     extra, needles = EPISODE_CASES[case](tmp_path, data_root)
     run_dir = tmp_path / "run"
     config = write_config(tmp_path / "tiny.yaml", data_root, run_dir)
-    line = assert_one_line_error(main(["run", str(config), "--run-dir", str(run_dir), *extra]), 2,
+    line = assert_one_line_error(run_main(["run", str(config), "--run-dir", str(run_dir), *extra]), 2,
                                  capsys.readouterr(), *needles)
     assert "delete it" not in line  # the user's own input is never "recomputed"
     assert not (run_dir / "artifacts").exists() and not (run_dir / "episodes").exists()
@@ -302,10 +310,10 @@ def test_run_dir_fault_is_refused_before_any_work(case, data_root, tmp_path, cap
     config = write_config(tmp_path / "tiny.yaml", data_root, run_dir)
     argv = ["run", str(config), "--run-dir", str(run_dir)]
     if held_by is None:
-        code = main(argv)
+        code = run_main(argv)
     else:
         with claim_run_dir(run_dir, held_by):  # another run holds it for its whole length
-            code = main(argv)
+            code = run_main(argv)
     assert_one_line_error(code, 2, capsys.readouterr(), *needles)
     assert not (run_dir / "artifacts").exists()
 
@@ -327,7 +335,7 @@ def test_changed_config_replaces_stale_outputs_only_when_allowed(data_root, tmp_
     (run_dir / "results.json").write_text('{"name": "old"}')
     config = write_config(tmp_path / "tiny.yaml", data_root, run_dir, **quick)
     argv = ["run", str(config), "--run-dir", str(run_dir)]
-    assert_one_line_error(main(argv), 2, capsys.readouterr(), "data.n_episodes: 3 -> 2",
+    assert_one_line_error(run_main(argv), 2, capsys.readouterr(), "data.n_episodes: 3 -> 2",
                           "students.1.name: 'old-name' -> 'with-tint'", "--allow-config-change")
     assert (run_dir / "export" / "ep002").is_dir()  # refused: nothing touched
 
@@ -419,7 +427,7 @@ PLAN_CASES = {
 @pytest.mark.parametrize("case", list(PLAN_CASES))
 def test_plan_refuses_non_finite_and_unreachable_inputs(case, capsys):
     argv, needles = PLAN_CASES[case]
-    captured_code = main(argv)
+    captured_code = run_main(argv)
     captured = capsys.readouterr()
     assert_one_line_error(captured_code, 2, captured, *needles)
     assert "nan" not in captured.out.lower() and "inf " not in captured.out.lower()
