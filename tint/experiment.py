@@ -186,7 +186,9 @@ def run_experiment(experiment: Experiment, full: bool = False, overrides: list[s
     rows = []
     for i, (cell, config) in enumerate(zip(grid, configs, strict=True)):
         LOGGER.info("experiment %s: cell %d/%d %s", experiment.name, i + 1, len(grid), cell.name)
-        results = run_pipeline(config, store=store, hooks=hooks)
+        # A cell's run dir belongs to the experiment: an edited experiment replaces the
+        # cell's old results (its artifacts stay in the shared store and are reused).
+        results = run_pipeline(config, store=store, hooks=hooks, allow_config_change=True)
         fid = _cell_fid(config, results, store) if experiment.fid else None
         for model in results["models"]:
             stats = results["summary"][model]
