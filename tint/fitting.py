@@ -258,15 +258,28 @@ def with_snapshot(config, snapshot: Snapshot, episode_file: Path):
     return replace(config, data=data)
 
 
+def episode_config(cfg, images: LabelledImages, snapshot: Snapshot, work: Path):
+    """Write the one episode (support = every labelled image) and the resolved config."""
+    from tint.config import dump_config
+    from tint.data.episodes import Episode, save_episodes
+    from tint.io import write_text
+
+    episode_file = work / "episode.json"
+    save_episodes(episode_file, [Episode(images.classes, snapshot.support, snapshot.query)],
+                  {"dataset": f"folder:{snapshot.data_root}", "how": "tint fit: every labelled image"})
+    cfg = with_snapshot(cfg, snapshot, episode_file)
+    write_text(work / "config.yaml", dump_config(cfg))
+    return cfg
+
+
 # ----------------------------------------------------------------------------- 3. the pipeline
 
 
-def run_units(config, log_path: Path):
+def run_units(config):
     """Prepare the episode and run every unit but `evaluate` (there is no query set)."""
     from tint.io import set_threads
     from tint.pipeline import (
         LOGGER,
-        _attach_log,
         make_context,
         plan_units,
         prepare,
@@ -276,19 +289,13 @@ def run_units(config, log_path: Path):
 
     validate_components(config)
     ctx = make_context(config)
-    handler = _attach_log(log_path)
-    try:
-        set_threads(config.threads)
-        LOGGER.info("tint fit -> %s (device %s)", ctx.run_dir, ctx.device)
-        episodes = prepare(ctx)
-        units = [u for u in plan_units(ctx, episodes) if u.stage != "evaluate"]
-        for unit in units:  # in this process, in the plan's order
-            run_unit(ctx, episodes, unit)
-        return ctx, episodes[0], handler
-    except BaseException:
-        LOGGER.removeHandler(handler)
-        handler.close()
-        raise
+    set_threads(config.threads)
+    LOGGER.info("tint fit -> %s (device %s)", ctx.run_dir, ctx.device)
+    episodes = prepare(ctx)
+    units = [u for u in plan_units(ctx, episodes) if u.stage != "evaluate"]
+    for unit in units:  # in this process, in the plan's order
+        run_unit(ctx, episodes, unit)
+    return ctx, episodes[0]
 
 
 # ----------------------------------------------------------------------------- 4. estimates
@@ -555,29 +562,22 @@ def fit(data_dir: str | Path, out: str | Path, config: str | Path | None = None,
 
     Resumable: the same call after a kill continues, after success computes nothing.
     """
-    from tint.data.episodes import Episode, save_episodes
-    from tint.io import write_text
+    from tint.pipeline import LOGGER, _attach_log
 
     start = time.perf_counter()
-    out = Path(out)
+    out, unlabeled = Path(out), Path(unlabeled) if unlabeled is not None else None
     images = read_labelled_folder(data_dir)
     val_images = read_labelled_folder(val, "--val") if val is not None else None
     check_images_decode(images)
     work = out / "work"
-    cfg = load_fit_config(config, overrides, work, Path(unlabeled) if unlabeled is not None else None)
+    cfg = load_fit_config(config, overrides, work, unlabeled)
     work.mkdir(parents=True, exist_ok=True)
-    snapshot = make_snapshot(images, cfg, work, Path(unlabeled) if unlabeled is not None else None)
-    episode_file = work / "episode.json"
-    save_episodes(episode_file, [Episode(images.classes, snapshot.support, snapshot.query)],
-                  {"dataset": f"folder:{snapshot.data_root}", "how": "tint fit: every labelled image"})
-    cfg = with_snapshot(cfg, snapshot, episode_file)
-    from tint.config import dump_config
-
-    write_text(work / "config.yaml", dump_config(cfg))
-    ctx, episode, handler = run_units(cfg, work / "log.txt")
-    from tint.pipeline import LOGGER
-
+    handler = _attach_log(work / "log.txt")
     try:
+        snapshot = make_snapshot(images, cfg, work, unlabeled)
+        LOGGER.info("tint fit: %d labelled images in %d classes; unlabelled pool: %s",
+                    sum(images.counts().values()), len(images.classes), snapshot.pool)
+        ctx, episode = run_units(episode_config(cfg, images, snapshot, work))
         estimates = estimate(ctx, episode, snapshot, val_images)
         estimates = {k: v for k, v in estimates.items() if k in (
             "teacher_leave_one_out", "agreement_generated", "agreement_unlabeled", "val")}
