@@ -597,13 +597,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("data_dir", type=Path, help="labelled images: DATA_DIR/<class>/<images>")
     parser.add_argument("config", type=Path, nargs="?", default=None,
                         help="a run config YAML (default: the embedded tint/configs/fit.yaml)")
-    parser.add_argument("--out", type=Path, required=True, help="the model folder to write")
+    parser.add_argument("--out", type=Path, required=True, metavar="MODEL_DIR", help="the model folder to write")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key (repeatable), e.g. distill.iterations=300")
-    parser.add_argument("--unlabeled", type=Path, default=None,
+    parser.add_argument("--unlabeled", type=Path, default=None, metavar="DIR",
                         help="your own unlabelled in-domain images for the distillation loss "
                              "(default: the embedded openclipart base pool)")
-    parser.add_argument("--val", type=Path, default=None,
+    parser.add_argument("--val", type=Path, default=None, metavar="DIR",
                         help="labelled validation images, same layout: real accuracy on the card")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (config key device)")
 
