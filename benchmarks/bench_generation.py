@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from tint.diffusion.backbone import build_tiny_backbone
 from tint.diffusion.ddim import ddim_invert, ddim_sample
 from tint.generators.base import install_token_embedding
 from tint.generators.tint import generate, save_tint_artifact
+from tint.testing import build_tiny_backbone
 
 
 def median_time(fn, repeats: int) -> float:

@@ -174,11 +174,7 @@ def full_timings(device: torch.device, gen_dtype: torch.dtype, ti_steps: int,
     from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer
 
-    from tint.diffusion.backbone import (
-        SD15_SCHEDULER_CONFIG,
-        DiffusionBackbone,
-        write_tiny_clip_tokenizer,
-    )
+    from tint.diffusion.backbone import SD15_SCHEDULER_CONFIG, DiffusionBackbone
     from tint.diffusion.null_text import NullTextConfig, null_text_inversion
     from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
     from tint.generators.tint import (
@@ -188,6 +184,7 @@ def full_timings(device: torch.device, gen_dtype: torch.dtype, ti_steps: int,
         sample_latents,
         save_tint_artifact,
     )
+    from tint.testing import write_tiny_clip_tokenizer
 
     tmp = Path(tempfile.mkdtemp(prefix="sd15_timing_"))
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_clip_tokenizer(tmp / "tok")))

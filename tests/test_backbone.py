@@ -9,12 +9,12 @@ from tint.diffusion.backbone import (
     SD15_SCHEDULER_CONFIG,
     DiffusionBackbone,
     IdentityAutoencoder,
-    build_tiny_backbone,
     load_backbone,
     load_stable_diffusion,
     save_backbone,
 )
 from tint.errors import TintError
+from tint.testing import build_tiny_backbone
 
 
 @pytest.fixture(scope="module")
@@ -135,11 +135,11 @@ def test_load_backbone_dispatch(tmp_path, monkeypatch):
     import tint.diffusion.small_generator as small
 
     seen = []
-    monkeypatch.setattr(small, "load_small_generator", lambda path: seen.append(path) or "ours")
+    monkeypatch.setattr(small, "load_small_generator", lambda path: seen.append(path) or backbone)
     folder = tmp_path / "gen"
     folder.mkdir()
     (folder / "tint_generator.json").write_text("{}")
-    assert load_backbone(str(folder)) == "ours"
+    assert load_backbone(str(folder)) is backbone
     assert seen and str(seen[0]) == str(folder)
     with pytest.raises(TintError):
         load_backbone(tmp_path / "nothing_here")

@@ -9,13 +9,13 @@ import torch
 from PIL import Image
 
 from tint.data.images import load_image, to_tensor
-from tint.diffusion.backbone import build_tiny_backbone
 from tint.diffusion.bridge import ResolutionBridge
 from tint.errors import TintError
 from tint.generators import create_generator
 from tint.generators.base import MANIFEST_NAME, artifact_path, read_manifest
 from tint.generators.plain_ti import table3_variants
 from tint.io import load_tensors
+from tint.testing import build_tiny_backbone
 
 torch.set_num_threads(1)
 
@@ -165,7 +165,7 @@ def test_real_mining_ranks_the_pool_by_image_features(tmp_path):
 def test_real_mining_with_a_local_clip_model(tmp_path):
     from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
-    from tint.diffusion.backbone import write_tiny_clip_tokenizer
+    from tint.testing import write_tiny_clip_tokenizer
 
     folder = tmp_path / "clip"
     tokenizer = CLIPTokenizer.from_pretrained(str(write_tiny_clip_tokenizer(tmp_path / "tok")))

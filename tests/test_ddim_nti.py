@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tint.diffusion.backbone import build_tiny_backbone
 from tint.diffusion.ddim import (
     ddim_inverse_step,
     ddim_invert,
@@ -21,6 +20,7 @@ from tint.diffusion.null_text import (
     null_text_inversion_batched,
 )
 from tint.errors import TintError
+from tint.testing import build_tiny_backbone
 
 STEPS = 10
 KINDS = {

@@ -10,7 +10,6 @@ import torch
 
 import tint.generators.base as generator_base
 import tint.generators.tint as tint_gen
-from tint.diffusion.backbone import build_tiny_backbone
 from tint.diffusion.ddim import ddim_invert, ddim_sample
 from tint.errors import TintError
 from tint.generators import create_generator
@@ -33,6 +32,7 @@ from tint.generators.tint import (
     specialize,
 )
 from tint.io import load_tensors
+from tint.testing import build_tiny_backbone
 
 STEPS = 5
 K = 3

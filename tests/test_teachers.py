@@ -9,7 +9,7 @@ from torch import nn
 from tint.errors import TintError
 from tint.students.distill import DistillSource, step_generator
 from tint.teachers import create_teacher
-from tint.teachers.backbones import FeatureBackbone, build_tiny_vit, load_feature_backbone
+from tint.teachers.backbones import FeatureBackbone, load_feature_backbone
 from tint.teachers.labelhalluc import LabelHallucTeacher, pretrain_config, pretrain_on_base
 from tint.teachers.protonet import (
     ProtoNetTeacher,
@@ -18,6 +18,7 @@ from tint.teachers.protonet import (
     meta_train,
 )
 from tint.teachers.pseudo_labels import pseudo_label
+from tint.testing import build_tiny_vit
 
 RES = 32
 COLOURS = torch.tensor([[0.9, 0.1, 0.1], [0.1, 0.8, 0.2], [0.1, 0.2, 0.9],

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import tint.diffusion.textual_inversion as ti
-from tint.diffusion.backbone import build_tiny_backbone
 from tint.diffusion.textual_inversion import (
     TextualInversionConfig,
     add_placeholder_token,
@@ -16,6 +15,7 @@ from tint.diffusion.textual_inversion import (
     textual_inversion,
 )
 from tint.errors import TintError
+from tint.testing import build_tiny_backbone
 
 
 @pytest.fixture

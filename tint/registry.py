@@ -16,6 +16,13 @@ from typing import Any
 from tint.errors import TintError
 
 
+def import_target(target: str) -> Any:
+    """"module" or "module:attribute", imported now."""
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attribute) if attribute else module
+
+
 class Registry(Mapping[str, str]):
     """name -> "module[:attribute]" target; `load(name)` imports and returns the target."""
 
@@ -49,12 +56,11 @@ class Registry(Mapping[str, str]):
     def load(self, name: str, key: str | None = None) -> Any:
         """The registered module (or its attribute), imported now."""
         self.check(name, key)
-        module_name, _, attribute = self._targets[name].partition(":")
+        target = self._targets[name]
         try:
-            module = importlib.import_module(module_name)
+            return import_target(target)
         except ModuleNotFoundError as err:
-            if err.name == module_name:
+            if err.name == target.partition(":")[0]:
                 raise TintError(f"{self.kind} {name!r}: not available in this installation "
-                                f"(module {module_name} is missing)") from err
+                                f"(module {err.name} is missing)") from err
             raise
-        return getattr(module, attribute) if attribute else module

@@ -8,7 +8,6 @@ The function ``textual_inversion`` is not re-exported here: it would shadow its 
 from tint.diffusion.backbone import (
     DiffusionBackbone,
     IdentityAutoencoder,
-    build_tiny_backbone,
     load_backbone,
     load_stable_diffusion,
 )
@@ -36,7 +35,6 @@ __all__ = [
     "TextualInversionConfig",
     "TextualInversionResult",
     "add_placeholder_token",
-    "build_tiny_backbone",
     "ddim_invert",
     "ddim_sample",
     "ddim_schedule",

@@ -7,7 +7,8 @@ need not be: the text encoder is any module mapping token ids to hidden states (
 MiniLM/BERT for tint's own small generator).
 
 Loaders, in the order `load_backbone` tries them:
-- ``"tiny"`` / ``"tiny-pixel-v"``: `build_tiny_backbone`, random weights, no file from outside;
+- a name in `BACKBONES`: ``"tiny"`` / ``"tiny-pixel-v"`` / ``"sd15-random"``, random weights
+  built by `tint.testing` (tests and timing; not part of the public API);
 - a folder containing ``tint_generator.json``: tint's own small generator;
 - a local diffusers Stable Diffusion folder or a hub id: `load_stable_diffusion`.
 """
@@ -15,7 +16,6 @@ Loaders, in the order `load_backbone` tries them:
 from __future__ import annotations
 
 import json
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from tint.errors import TintError
+from tint.registry import Registry, import_target
 
 SMALL_GENERATOR_MARKER = "tint_generator.json"
 SD15_HUB_ID = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -320,220 +321,21 @@ def save_backbone(backbone: DiffusionBackbone, folder: str | Path) -> Path:
     return folder
 
 
-# --- tiny random backbone for tests --------------------------------------------------------
-
-TINY_WORDS = (
-    "a an the of photo picture image object thing cat dog bird car plane ship truck horse "
-    "frog deer flower tree house shoe bag shirt dress coat red green blue small large good "
-    "bad close up cropped bright dark and with in on"
-).split()
-
-
-def write_tiny_clip_tokenizer(folder: str | Path, words: tuple[str, ...] = tuple(TINY_WORDS),
-                              max_length: int = 77) -> Path:
-    """Write a small CLIP BPE vocabulary (vocab.json, merges.txt) in which every word of
-    `words` is one token, so that e.g. the TI init word "object" has a single id.
-
-    transformers 5 ignores ``CLIPTokenizer(vocab_file=...)``; a folder loaded with
-    ``from_pretrained(folder)`` is the reliable way to build one.
-    """
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    symbols = [chr(c) for c in range(ord("a"), ord("z") + 1)] + list("0123456789.,!?-'")
-    vocab: dict[str, int] = {}
-    for token in symbols + [s + "</w>" for s in symbols]:
-        vocab.setdefault(token, len(vocab))
-    merges: list[str] = []
-    for word in words:
-        pieces = list(word[:-1]) + [word[-1] + "</w>"]
-        while len(pieces) > 1:  # merge left to right: "ph", "pho", ... "photo</w>"
-            pair = f"{pieces[0]} {pieces[1]}"
-            merged = pieces[0] + pieces[1]
-            if pair not in merges:
-                merges.append(pair)
-            vocab.setdefault(merged, len(vocab))
-            pieces = [merged] + pieces[2:]
-    for special in ("<|startoftext|>", "<|endoftext|>"):
-        vocab.setdefault(special, len(vocab))
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    (folder / "tokenizer_config.json").write_text(
-        json.dumps(
-            {
-                "tokenizer_class": "CLIPTokenizer",
-                "model_max_length": max_length,
-                "bos_token": "<|startoftext|>",
-                "eos_token": "<|endoftext|>",
-                "unk_token": "<|endoftext|>",
-                "pad_token": "<|endoftext|>",
-            }
-        )
-    )
-    return folder
-
-
-def build_tiny_backbone(
-    workdir: str | Path,
-    seed: int = 0,
-    pixel_space: bool = False,
-    prediction_type: str = "epsilon",
-    resolution: int = 32,
-    scheduler_overrides: dict[str, Any] | None = None,
-    text_length: int = 16,
-    output_scale: float = 0.1,
-) -> DiffusionBackbone:
-    """A randomly initialised model of SD's architecture (UNet2DConditionModel, AutoencoderKL
-    with a 4x downscale, CLIP text model, a small BPE tokenizer), built from nothing outside.
-
-    Latent models use SD 1.5's schedule; pixel-space v-prediction models use the small
-    generator's recipe (cosine, zero terminal SNR, trailing spacing). `scheduler_overrides`
-    changes either. The VAE's scaling factor is set to 1/std of its latents on random images:
-    a random VAE gives latents of std ~0.2, which would make DDIM trajectories meaningless.
-
-    The UNet's output convolution is scaled by `output_scale` (ADM zero-initialises that
-    layer): a random UNet at full scale changes its prediction so much between neighbouring
-    latents that even guidance-1 DDIM inversion does not round-trip (relative MSE ~1 for eps
-    at 10 steps), unlike a trained model; at 0.1 it round-trips to ~2e-3 and CFG 7.5 still
-    breaks it (~9e-2), the regime null-text inversion is about.
-    """
-    from diffusers import DDIMScheduler
-    from transformers import CLIPTokenizer
-
-    if prediction_type not in ("epsilon", "v_prediction"):
-        raise TintError(f"prediction_type must be 'epsilon' or 'v_prediction', got {prediction_type!r}")
-    workdir = Path(workdir)
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(write_tiny_clip_tokenizer(workdir / "tiny_tokenizer", max_length=text_length))
-    )
-    torch.manual_seed(seed)
-    text_encoder = _tiny_text_encoder(tokenizer, text_length)
-    vae: nn.Module = IdentityAutoencoder() if pixel_space else _tiny_vae(resolution)
-    factor = 1 if pixel_space else 4
-    if resolution % (factor * 2):
-        raise TintError(f"tiny backbone resolution {resolution} must be a multiple of {factor * 2}")
-    unet = _tiny_unet(3 if pixel_space else 4, resolution // factor)
-    with torch.no_grad():
-        unet.conv_out.weight.mul_(output_scale)
-        unet.conv_out.bias.mul_(output_scale)
-    base = PIXEL_V_SCHEDULER_CONFIG if pixel_space and prediction_type == "v_prediction" else (
-        SD15_SCHEDULER_CONFIG
-    )
-    config = {**base, "prediction_type": prediction_type, **(scheduler_overrides or {})}
-    scheduler = DDIMScheduler.from_config(config)
-    for module in (unet, vae, text_encoder):
-        module.eval().requires_grad_(False)
-    backbone = DiffusionBackbone(unet, scheduler, vae, text_encoder, tokenizer, resolution)
-    if not pixel_space:
-        _calibrate_latent_scale(backbone, seed)
-    return backbone
-
-
-def build_random_sd15_backbone(workdir: str | Path, seed: int = 0,
-                               device: str | torch.device = "cpu") -> DiffusionBackbone:
-    """Stable Diffusion 1.5's architecture (860M-param UNet, its VAE, CLIP ViT-L/14 text
-    encoder) with random weights: for timing and FLOP counts where no weights exist.
-    The tokenizer is the small test vocabulary (ids fit in CLIP's 49408-row table)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    tokenizer = CLIPTokenizer.from_pretrained(
-        str(write_tiny_clip_tokenizer(Path(workdir) / "tiny_tokenizer", max_length=77))
-    )
-    torch.manual_seed(seed)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-        num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu",
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    ))
-    vae = AutoencoderKL(
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-        sample_size=512,
-    )
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
-        cross_attention_dim=768, attention_head_dim=8,
-    )
-    for module in (unet, vae, text_encoder):
-        module.to(device).eval().requires_grad_(False)
-    scheduler = DDIMScheduler.from_config(SD15_SCHEDULER_CONFIG)
-    backbone = DiffusionBackbone(unet, scheduler, vae, text_encoder, tokenizer, resolution=512)
-    _calibrate_latent_scale(backbone, seed, count=2)
-    return backbone
-
-
-def _tiny_text_encoder(tokenizer, text_length: int) -> nn.Module:
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=max(77, text_length),
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return CLIPTextModel(config)
-
-
-def _tiny_vae(resolution: int) -> nn.Module:
-    from diffusers import AutoencoderKL
-
-    return AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * 3,
-        up_block_types=("UpDecoderBlock2D",) * 3,
-        block_out_channels=(8, 16, 16),
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=8,
-        sample_size=resolution,
-    )
-
-
-def _tiny_unet(channels: int, sample_size: int) -> nn.Module:
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=sample_size,
-        in_channels=channels,
-        out_channels=channels,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-    )
-
-
-def _calibrate_latent_scale(backbone: DiffusionBackbone, seed: int, count: int = 8) -> None:
-    """Set the VAE scaling factor so that latents of random smooth images have unit std."""
-    generator = torch.Generator().manual_seed(seed + 1)
-    side = backbone.resolution
-    coarse = torch.rand(count, 3, side // 4, side // 4, generator=generator)
-    images = nn.functional.interpolate(coarse, size=(side, side), mode="bilinear")
-    backbone.latent_scale = 1.0
-    std = float(backbone.encode_images(images).std())
-    backbone.latent_scale = 1.0 / std
-    backbone.vae.register_to_config(scaling_factor=backbone.latent_scale)
-
-
 # --- one entry point by name / path --------------------------------------------------------
 
 
 # The small text-to-image generator shipped with tint (see docs/generator.md).
 EMBEDDED_GENERATOR = "tint-clipart"
 EMBEDDED_GENERATOR_DIR = Path(__file__).resolve().parent.parent / "assets" / "generator"
+
+# Backbones by name, built from nothing outside (random weights: tests and timing only).
+BACKBONES = Registry("backbone", {
+    "tiny": "tint.testing:tiny_backbone",
+    "tiny-pixel-v": "tint.testing:tiny_pixel_v_backbone",
+    "sd15-random": "tint.testing:random_sd15_backbone",
+})
+# A folder with SMALL_GENERATOR_MARKER (named, not imported: small_generator imports this module).
+SMALL_GENERATOR_LOADER = "tint.diffusion.small_generator:load_small_generator"
 
 
 def load_backbone(spec: str | Path, device: str | torch.device = "cpu",
@@ -575,17 +377,8 @@ def attention_processors(backbone: DiffusionBackbone) -> dict[str, int]:
 
 def _load_backbone_on_cpu(spec: str | Path, **kwargs: Any) -> DiffusionBackbone:
     text = str(spec)
-    if text in ("sd15-random", "tiny", "tiny-pixel-v"):
-        build = build_random_sd15_backbone if text == "sd15-random" else build_tiny_backbone
-        if text == "tiny-pixel-v":
-            kwargs.setdefault("pixel_space", True)
-            kwargs.setdefault("prediction_type", "v_prediction")
-        workdir = kwargs.pop("workdir", None)
-        if workdir is not None:
-            return build(workdir, **kwargs)
-        # The folder only holds the tokenizer files while they are read into memory.
-        with tempfile.TemporaryDirectory(prefix=f"tint_{text}_") as scratch:
-            return build(scratch, **kwargs)
+    if text in BACKBONES:
+        return BACKBONES.load(text)(**kwargs)
     if text == EMBEDDED_GENERATOR:
         path = EMBEDDED_GENERATOR_DIR
         if not (path / SMALL_GENERATOR_MARKER).is_file():
@@ -596,7 +389,5 @@ def _load_backbone_on_cpu(spec: str | Path, **kwargs: Any) -> DiffusionBackbone:
     else:
         path = Path(text).expanduser()
     if (path / SMALL_GENERATOR_MARKER).is_file():
-        from tint.diffusion.small_generator import load_small_generator
-
-        return load_small_generator(path)
+        return import_target(SMALL_GENERATOR_LOADER)(path)
     return load_stable_diffusion(text, **kwargs)

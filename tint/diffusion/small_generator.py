@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from tint.diffusion.backbone import DiffusionBackbone, IdentityAutoencoder
 from tint.errors import TintError
 from tint.io import read_json, write_json
 
@@ -109,8 +110,6 @@ def build_unet(size: str = "small", resolution: int = 32, cross_attention_dim: i
 def space_to_depth_autoencoder():
     """The parameter-free "autoencoder": [B,3,R,R] in [0,1] <-> [B,12,R/2,R/2] in [-1,1]."""
     import torch.nn.functional as F
-
-    from tint.diffusion.backbone import IdentityAutoencoder
 
     class SpaceToDepthAutoencoder(IdentityAutoencoder):
         """Pixels rearranged 2x2 -> channels: an orthogonal map, so DDIM noise stays per-pixel."""
@@ -266,8 +265,6 @@ def build_small_generator(
     `text_encoder`/`tokenizer` default to the real frozen MiniLM; tests may pass a tiny
     random ``BertModel`` (same code path, any hidden size).
     """
-    from tint.diffusion.backbone import DiffusionBackbone
-
     if text_encoder is None or tokenizer is None:
         text_encoder, tokenizer = load_text_encoder()
     torch.manual_seed(seed)
@@ -285,8 +282,6 @@ def build_small_generator(
 
 def load_small_generator(path: str | Path):
     """Open a saved generator as a ``DiffusionBackbone`` (pixel space, identity autoencoder)."""
-    from tint.diffusion.backbone import DiffusionBackbone
-
     parts = load_small_generator_parts(path)
     return DiffusionBackbone(
         unet=parts["unet"],

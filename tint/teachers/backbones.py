@@ -13,7 +13,7 @@ Names:
   ``local_files_only=True`` unless ``allow_download=True``; never with remote code. Features
   are the final CLS token (768-dim for ViT-B).
 - ``"tiny-vit"``: a randomly initialised 2-layer ViT (32x32 input, 32-dim). Same code path
-  as DINO, for tests.
+  as DINO, for tests (built by `tint.testing`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tint.errors import TintError
+from tint.registry import Registry
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -63,7 +64,7 @@ def _efficientnet_features(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return network.extract_features(x).mean(dim=(2, 3))
 
 
-def _vit_cls_features(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def vit_cls_features(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return network(pixel_values=x).last_hidden_state[:, 0]
 
 
@@ -103,30 +104,37 @@ def load_vit(path_or_id: str, allow_download: bool = False) -> FeatureBackbone:
             f"{DINO_HUB_ID}), or use the offline default 'efficientnet-lite0'") from err
     config = network.config
     return FeatureBackbone(f"vit:{path_or_id}", network, config.hidden_size, config.image_size,
-                           _vit_cls_features)
+                           vit_cls_features)
 
 
-def build_tiny_vit(seed: int = 0, image_size: int = 32) -> FeatureBackbone:
-    """A randomly initialised 2-layer ViT: exercises the DINO code path in tests."""
-    from transformers import ViTConfig, ViTModel
+# Teacher feature extractors by name, each called as (input_size=, allow_download=, seed=);
+# "vit:<dir or hub id>" names any ViTModel checkpoint. tiny-vit is random (tint.testing).
+FEATURE_BACKBONES = Registry("teacher backbone", {
+    "efficientnet-lite0": "tint.teachers.backbones:efficientnet_lite0",
+    "dino-vitb16": "tint.teachers.backbones:dino_vitb16",
+    "tiny-vit": "tint.testing:tiny_vit",
+})
 
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                       intermediate_size=64, image_size=image_size, patch_size=8)
-    torch.manual_seed(seed)
-    network = ViTModel(config, add_pooling_layer=False)
-    return FeatureBackbone("tiny-vit", network, config.hidden_size, image_size, _vit_cls_features)
+
+def efficientnet_lite0(input_size: int | None = None, **_: object) -> FeatureBackbone:
+    return load_efficientnet_lite0(input_size or 224)
+
+
+def dino_vitb16(allow_download: bool = False, **_: object) -> FeatureBackbone:
+    return load_vit(DINO_HUB_ID, allow_download=allow_download)
+
+
+def available_feature_backbones() -> list[str]:
+    return [*FEATURE_BACKBONES, "vit:<folder or hub id>"]
 
 
 def load_feature_backbone(name: str, *, input_size: int | None = None,
                           allow_download: bool = False, seed: int = 0) -> FeatureBackbone:
     """Create a teacher feature extractor by name (see the module docstring)."""
-    if name == "efficientnet-lite0":
-        return load_efficientnet_lite0(input_size or 224)
-    if name == "dino-vitb16":
-        return load_vit(DINO_HUB_ID, allow_download=allow_download)
     if name.startswith("vit:"):
         return load_vit(name[len("vit:"):], allow_download=allow_download)
-    if name == "tiny-vit":
-        return build_tiny_vit(seed=seed, image_size=input_size or 32)
-    raise TintError(f"unknown teacher backbone {name!r}; choose efficientnet-lite0, "
-                    "dino-vitb16, vit:<folder or hub id>, or tiny-vit")
+    if name not in FEATURE_BACKBONES:
+        raise TintError(f"unknown teacher backbone {name!r}; choose efficientnet-lite0, "
+                        "dino-vitb16, vit:<folder or hub id>, or tiny-vit")
+    return FEATURE_BACKBONES.load(name)(input_size=input_size, allow_download=allow_download,
+                                        seed=seed)

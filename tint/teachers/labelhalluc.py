@@ -82,10 +82,16 @@ class LabelHallucTeacher:
     def is_cached(self, ids: Sequence[str]) -> bool:
         return all(i in self._cache for i in ids)
 
+    def to(self, device: str | torch.device) -> LabelHallucTeacher:
+        """Compute features on `device` (they are returned on the CPU); returns self."""
+        self.network.to(device)
+        return self
+
     @torch.no_grad()
     def features(self, x: torch.Tensor | None = None,
                  ids: Sequence[str] | None = None) -> torch.Tensor:
-        """L2-normalised features ``[B, D]``, batched, cached by item id when given."""
+        """L2-normalised features ``[B, D]`` (on the CPU), computed in batches on the
+        network's device, cached by item id when given."""
         if ids is not None and self.is_cached(ids):
             return torch.stack([self._cache[i] for i in ids])
         if x is None:
@@ -141,6 +147,17 @@ def load_labelhalluc_teacher(weights: str | Path, **kwargs) -> LabelHallucTeache
     return LabelHallucTeacher(network, **kwargs)
 
 
+def create_labelhalluc(weights: str | Path | None = None, network: nn.Module | None = None,
+                       **kwargs) -> LabelHallucTeacher:
+    """LabelHalluc teacher from pretrained weights or an in-memory network."""
+    if (weights is None) == (network is None):
+        raise TintError("teacher labelhalluc: give either weights (a file written by "
+                        "pretrain_on_base) or network")
+    if network is not None:
+        return LabelHallucTeacher(network, **kwargs)
+    return load_labelhalluc_teacher(weights, **kwargs)
+
+
 # ----------------------------------------------------------------------------- run recipe
 # What the pipeline asks of every teacher module (tint.teachers.recipes).
 
@@ -170,4 +187,5 @@ def train_for_run(run, folder: Path) -> dict:
 
 
 def load_for_run(run, folder: Path) -> LabelHallucTeacher:
-    return load_labelhalluc_teacher(folder / "student.safetensors", **run.config.settings)
+    return load_labelhalluc_teacher(folder / "student.safetensors",
+                                    **run.config.settings).to(run.device)

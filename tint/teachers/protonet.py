@@ -37,7 +37,7 @@ from tint.students.distill import (
     save_checkpoint,
     step_generator,
 )
-from tint.teachers.backbones import FeatureBackbone
+from tint.teachers.backbones import FeatureBackbone, load_feature_backbone
 
 log = logging.getLogger(__name__)
 
@@ -347,11 +347,9 @@ def run_key(run) -> dict:
 
 def train_for_run(run, folder: Path) -> dict:
     """Meta-train on base-class episodes (none when meta_train.epochs is 0)."""
-    from tint.teachers import create_teacher
-
     cfg = run.config
-    teacher = create_teacher("pmf", backbone=cfg.backbone, seed=run.seed,
-                             batch_size=cfg.batch_size, **cfg.settings).to(run.device)
+    teacher = create_pmf(backbone=cfg.backbone, seed=run.seed,
+                         batch_size=cfg.batch_size, **cfg.settings).to(run.device)
     mt = cfg.meta_train
     losses: list[float] = []
     if mt.epochs > 0 and mt.episodes_per_epoch > 0:
@@ -365,8 +363,19 @@ def train_for_run(run, folder: Path) -> dict:
 
 
 def load_for_run(run, folder: Path) -> ProtoNetTeacher:
-    from tint.teachers import create_teacher
-
     cfg = run.config
-    return create_teacher("pmf", backbone=cfg.backbone, weights=folder / "teacher.safetensors",
-                          seed=run.seed, batch_size=cfg.batch_size, **cfg.settings).to(run.device)
+    return create_pmf(backbone=cfg.backbone, weights=folder / "teacher.safetensors",
+                      seed=run.seed, batch_size=cfg.batch_size, **cfg.settings).to(run.device)
+
+
+def create_pmf(backbone: str = "efficientnet-lite0", weights: str | Path | None = None,
+               input_size: int | None = None, allow_download: bool = False, seed: int = 0,
+               **kwargs) -> ProtoNetTeacher:
+    """P>M>F teacher; ``kwargs`` go to ProtoNetTeacher (scale, batch_size, finetune_steps...)."""
+    extractor = load_feature_backbone(backbone, input_size=input_size,
+                                      allow_download=allow_download, seed=seed)
+    teacher = ProtoNetTeacher(extractor, seed=seed, **kwargs)
+    if weights is not None:
+        teacher.load(weights)
+    teacher.eval()
+    return teacher
