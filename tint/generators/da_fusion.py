@@ -43,9 +43,10 @@ from tint.settings import UNIT, check_interval, join
 
 NAME = "da-fusion"
 REQUIRED_TENSORS = ("embedding", "support")
+MAY_RETURN_FEWER = False
 
-__all__ = ["NAME", "REQUIRED_TENSORS", "GenerateSettings", "SpecializeSettings",
-           "generate", "specialize", "start_step"]
+__all__ = ["MAY_RETURN_FEWER", "NAME", "REQUIRED_TENSORS", "GenerateSettings",
+           "SpecializeSettings", "generate", "specialize", "start_step"]
 
 
 @dataclass
