@@ -166,6 +166,14 @@ class RunContext:
 
         return resolve_device(self.device_override or self.config.device)
 
+    @cached_property
+    def precision(self) -> str:
+        """fp32 / bf16 / fp16 from `config.precision` on this device (auto: fp32 on the
+        CPU, bf16 on CUDA); each stage applies it as docs/diffusion.md says. Never in a key."""
+        from tint.devices import resolve_precision
+
+        return resolve_precision(self.config.precision, self.device)
+
     @property
     def dataset(self):
         from tint.data.datasets import load_dataset
@@ -563,13 +571,17 @@ def _backbone(ctx: RunContext, fresh: bool = False):
     in this process. A fresh backbone keeps each specialisation a function of its inputs,
     whatever was skipped on a resume.
     """
+    from tint.devices import sampling_dtype
     from tint.diffusion.backbone import load_backbone
 
     spec = ctx.config.generator.backbone
-    kwargs = {} if ctx.device.type == "cpu" else {"device": ctx.device}
+    # specialisation: float32 weights (TI autocasts to ctx.precision, NTI stays float32);
+    # generation: weights in the sampling precision (fp16/bf16 on CUDA)
+    kwargs = {"device": ctx.device, "precision": ctx.precision}
     if fresh:
-        return load_backbone(spec, **kwargs)
-    return ctx.cached(f"backbone:{spec}", lambda: load_backbone(spec, **kwargs))
+        return load_backbone(spec, dtype=torch.float32, **kwargs)
+    return ctx.cached(f"backbone:{spec}", lambda: load_backbone(
+        spec, dtype=sampling_dtype(ctx.precision), **kwargs))
 
 
 def specialize(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
@@ -767,6 +779,7 @@ def distill(ctx: RunContext, episode: EpisodeData, s: int, repeat: int = 0) -> d
             progress=True, on_step=(lambda step, loss: hook(label, step, loss)) if hook else None,
             student_meta={"arch": student_cfg.arch, "num_classes": episode.n_way,
                           "image_size": ctx.config.data.resolution, "classes": episode.classes},
+            precision=ctx.precision,
         )
         curve = [[e["step"], e["accuracy"]] for e in result.history if "accuracy" in e]
         return {"weights": result.final_path.name, "curve": curve}

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm.auto import tqdm
 
+from tint.devices import add_device_arguments, autocast, device_and_precision
 from tint.diffusion import small_generator as sg
 from tint.errors import TintError
 from tint.io import load_tensors, read_json, save_tensors, set_threads, write_json, write_text
@@ -320,6 +321,7 @@ def train(
     progress: bool = True,
     device: str = "cpu",
     init_from: Path | None = None,
+    precision: str = "fp32",
 ):
     """Train (or resume) until max_steps / cfg.steps or the deadline; return (unet, ema, state).
 
@@ -375,7 +377,8 @@ def train(
         fraction = 0.0 if deadline is None else (time.time() - start) / max(1.0, deadline - start)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(state.step, cfg, fraction)
-        loss = diffusion_loss(unet, alphas, x0, text, gen)
+        with autocast(device, precision):  # float32 weights and optimizer; no-op for fp32
+            loss = diffusion_loss(unet, alphas, x0, text, gen)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
@@ -511,7 +514,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-abstract", action="store_true",
                         help="leave out abstract categories (icons, shapes...) from the pool")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (a GPU session)")
+    add_device_arguments(parser)
     parser.add_argument("--pool-from-cache", action="store_true",
                         help="use <out>/pool.npz + pool_files.json as they are, without the "
                              "openclipart files (e.g. on a GPU machine)")
@@ -552,6 +555,9 @@ def run(args: argparse.Namespace) -> int:
         handlers=[logging.FileHandler(out_dir / "log.txt"), logging.StreamHandler()],
     )
     cfg = config_from_args(args)
+    device, precision = device_and_precision(args)
+    if precision == "fp16":
+        raise TintError("--precision fp16: pretraining has no loss scaling; use bf16 or fp32")
     deadline = time.time() if args.finish_only else parse_deadline(args.until, args.max_minutes)
     if not args.finish_only:
         write_json(out_dir / "config.json", {"config": asdict(cfg), "argv": vars(args)})
@@ -565,7 +571,8 @@ def run(args: argparse.Namespace) -> int:
     weights = sampling_weights(labels, categories, cfg.abstract_share)
     unet, ema, state = train(out_dir, cfg, images, labels, text_table, empty_text, weights,
                              max_steps=args.max_steps, deadline=deadline,
-                             checkpoint_minutes=args.checkpoint_minutes, device=args.device,
+                             checkpoint_minutes=args.checkpoint_minutes, device=str(device),
+                             precision=precision,
                              init_from=Path(args.init_from) if args.init_from else None)
     LOG.info("stopped at step %d after %.0f s of training", state.step, state.wall_s)
     finish(out_dir, ema, categories, state, cfg, args)

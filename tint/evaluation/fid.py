@@ -232,8 +232,10 @@ class EfficientNetLite0Early64(nn.Module):
         return x.mean(dim=(2, 3))[:, : self.dim]
 
 
-def create_extractor(name: str, inception_weights: str | Path | None = None) -> nn.Module:
-    """A feature extractor by name: images [B,3,H,W] in [0,1] -> features [B, 64]."""
+def create_extractor(name: str, inception_weights: str | Path | None = None,
+                     device: str | torch.device = "cpu") -> nn.Module:
+    """A feature extractor by name: images [B,3,H,W] in [0,1] -> features [B, 64], on
+    `device` in float32 (FID values must not depend on where they were computed)."""
     if name == "inception-64":
         model = load_inception_stem(inception_weights)
     elif name == "efficientnet-lite0-64":
@@ -245,7 +247,15 @@ def create_extractor(name: str, inception_weights: str | Path | None = None) -> 
         raise TintError(f"--features {name!r}: choose one of {', '.join(FEATURE_SETS)}")
     for param in model.parameters():
         param.requires_grad_(False)
-    return model
+    return model.to(device)
+
+
+def _device_of(extractor: Callable[[torch.Tensor], torch.Tensor]) -> torch.device:
+    """Where an extractor's weights are (the CPU for plain functions)."""
+    if isinstance(extractor, nn.Module):
+        for tensor in (*extractor.parameters(), *extractor.buffers()):
+            return tensor.device
+    return torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- images -> features
@@ -286,15 +296,16 @@ def extract_features(
 ) -> np.ndarray:
     """Features [N, D] of images (tensors or files); each image is resized by the extractor."""
     sources = _as_sources(images)
+    device = _device_of(extractor)
     chunks = []
     starts = range(0, len(sources), batch_size)
     for start in tqdm(starts, desc=progress, disable=progress is None, leave=False):
-        batch = [load_image_tensor(s) for s in sources[start : start + batch_size]]
+        batch = [load_image_tensor(s).to(device) for s in sources[start : start + batch_size]]
         same_size = all(b.shape == batch[0].shape for b in batch)
         if same_size:
-            chunks.append(extractor(torch.stack(batch)).float())
+            chunks.append(extractor(torch.stack(batch)).float().cpu())
         else:  # mixed sizes: one at a time (the extractor resizes each to its input size)
-            chunks.append(torch.cat([extractor(b[None]).float() for b in batch]))
+            chunks.append(torch.cat([extractor(b[None]).float().cpu() for b in batch]))
     if not chunks:
         raise TintError("FID: no images given")
     return torch.cat(chunks).cpu().numpy().astype(np.float64)

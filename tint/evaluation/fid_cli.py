@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from tint.devices import add_device_arguments, resolve_device
 from tint.errors import TintError
 from tint.evaluation.fid import (
     FEATURE_DESCRIPTIONS,
@@ -101,6 +102,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-way", type=int, default=5, help="classes per episode")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=50)
+    add_device_arguments(parser, precision=False)  # features stay float32 on any device
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
     parser.add_argument("--out", type=Path, default=None, help="write the result as JSON here")
 
@@ -111,7 +113,8 @@ def run(args: argparse.Namespace) -> int:
         raise TintError("--per-class must be >= 2, --episodes and --n-way >= 1")
     real = real_classes(args)
     generated = classes_in(args.generated[0]) if len(args.generated) == 1 else None
-    extractor = create_extractor(args.features, args.inception_weights)
+    device = resolve_device(args.device, option="--device")
+    extractor = create_extractor(args.features, args.inception_weights, device)
     description = FEATURE_DESCRIPTIONS[args.features]
 
     if real is not None and generated is not None:

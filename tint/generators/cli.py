@@ -23,6 +23,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
+from tint.devices import add_device_arguments, device_and_precision, resolve_device
 from tint.errors import TintError
 from tint.generators import available_generators, create_generator
 from tint.generators.base import (
@@ -60,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_settings_arguments(parser)
     parser.add_argument("--overwrite", action="store_true",
                         help="redo classes whose artifact was made with other settings")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_device_arguments(parser)  # TI under autocast in --precision; NTI stays float32
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -162,7 +163,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"tint specialize: {len(classes) - len(todo)} of {len(classes)} classes already done")
     if not todo:
         return 0
-    backbone = load_backbone_on(args.backbone, args.device)
+    device, precision = device_and_precision(args)
+    backbone = load_backbone_on(args.backbone, device, precision=precision)
     for name in tqdm(todo, desc="specialize", unit="class"):
         path = generator.specialize(backbone, name, images[name], out, settings)
         log.info("wrote %s", path)
@@ -224,22 +226,11 @@ def _class_done(generator: Any, out: Path, name: str, settings: Any, support: to
                     "another --out")
 
 
-def load_backbone_on(spec: str, device: str, dtype: torch.dtype = torch.float32) -> Any:
-    """Load a diffusion backbone and move it to `device` (fp32 unless asked otherwise)."""
+def load_backbone_on(spec: str, device: str | torch.device, dtype: torch.dtype = torch.float32,
+                     precision: str = "fp32", vae_slice_size: int | None = None) -> Any:
+    """Load a diffusion backbone on `device`: float32 weights for specialisation (TI autocasts
+    to `precision`), fp16/bf16 weights for sampling (tint.devices)."""
     from tint.diffusion.backbone import load_backbone
 
-    backbone = load_backbone(spec)
-    return move_backbone(backbone, device, dtype)
-
-
-def move_backbone(backbone: Any, device: str, dtype: torch.dtype = torch.float32) -> Any:
-    try:
-        target = torch.device(device)
-    except RuntimeError as err:
-        raise TintError(f"--device {device!r}: not a torch device ({err})") from err
-    if target.type == "cuda" and not torch.cuda.is_available():
-        raise TintError(f"--device {device}: CUDA is not available on this machine; use cpu")
-    backbone.unet.to(target, dtype)
-    backbone.vae.to(target, dtype)
-    backbone.text_encoder.to(target)
-    return backbone
+    return load_backbone(spec, device=resolve_device(device, option="--device"), dtype=dtype,
+                         precision=precision, vae_slice_size=vae_slice_size)

@@ -12,6 +12,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from tint.devices import add_device_arguments, device_and_precision, sampling_dtype
+from tint.diffusion.backbone import compile_unet
 from tint.errors import TintError
 from tint.generators import create_generator
 from tint.generators.base import MANIFEST_NAME, list_artifacts, load_artifact
@@ -37,9 +39,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resolution", type=int,
                         help="output size (default: the dataset resolution in the artifact)")
     parser.add_argument("--backbone", help="default: the one the artifacts were made with")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, ...")
-    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32",
-                        help="UNet/VAE precision for sampling (float16 on GPUs)")
+    add_device_arguments(parser)
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default=None,
+                        help="UNet/VAE weights for sampling (default: from --precision: "
+                             "float32 on the CPU, bfloat16 on CUDA)")
+    parser.add_argument("--vae-slicing", type=int, default=None, metavar="N",
+                        help="decode N images at a time (memory of big batches at 512px)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile the UNet (pays off only for thousands of images)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -56,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
             raise TintError(f"--classes: no artifact for {sorted(unknown)} in {args.artifacts}")
         metas = {p: m for p, m in metas.items() if m["class"] in wanted}
     backbone_spec = args.backbone or _recorded_backbone(args.artifacts, metas)
-    backbone = load_backbone_on(backbone_spec, args.device, DTYPES[args.dtype])
+    device, precision = device_and_precision(args)
+    dtype = DTYPES[args.dtype] if args.dtype else sampling_dtype(precision)
+    backbone = load_backbone_on(backbone_spec, device, dtype, vae_slice_size=args.vae_slicing)
+    if args.compile:
+        compile_unet(backbone)
     settings_by_generator: dict[str, object] = {}
     made = 0
     for path, meta in tqdm(list(metas.items()), desc="generate", unit="class"):

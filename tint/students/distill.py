@@ -22,7 +22,6 @@ checkpoint and ends with bit-identical weights to an uninterrupted run. Query ac
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -37,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tint.devices import autocast, grad_scaler, resolve_precision
 from tint.errors import TintError
 from tint.io import DamagedFileError, load_tensors, save_tensors, write_json, write_text
 
@@ -349,16 +349,18 @@ def append_history(path: Path, entry: dict) -> None:
 # --------------------------------------------------------------------------- the loop
 
 
-def _autocast(config: DistillConfig):
-    if config.bf16:
+def _autocast(config: DistillConfig, precision: str):
+    if config.bf16:  # the CPU switch of the config: bf16 autocast whatever `precision` says
         return torch.autocast(torch.device(config.device).type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    return autocast(config.device, precision)
 
 
 def train_step(student: nn.Module, optimizer: torch.optim.Optimizer,
                sources: dict[str, DistillSource], names: Sequence[str],
-               config: DistillConfig, step: int) -> float:
-    """One SGD step of (0-based) `step`; returns the loss."""
+               config: DistillConfig, step: int, precision: str = "fp32",
+               scaler: torch.amp.GradScaler | None = None) -> float:
+    """One SGD step of (0-based) `step`; returns the loss. `precision` is the forward pass's
+    autocast ("fp32": none); `scaler` does fp16 loss scaling."""
     batch = compose_batch(sources, names, config.batch_size, config.seed, step)
     images = torch.cat([batch[n][0] for n in names]).to(config.device)
     if config.augment:
@@ -368,7 +370,7 @@ def train_step(student: nn.Module, optimizer: torch.optim.Optimizer,
         images = images.contiguous(memory_format=torch.channels_last)
     for group in optimizer.param_groups:
         group["lr"] = config.lr_at(step)
-    with _autocast(config):
+    with _autocast(config, precision):
         logits_all = student(images)
     sizes = [len(batch[n][0]) for n in names]
     logits = dict(zip(names, torch.split(logits_all.float(), sizes), strict=True))
@@ -376,8 +378,13 @@ def train_step(student: nn.Module, optimizer: torch.optim.Optimizer,
     loss = distillation_loss(logits, targets, config.temperature)
     optimizer.zero_grad(set_to_none=True)
     if torch.isfinite(loss):
-        loss.backward()
-        optimizer.step()
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
+            scaler.update()
     return float(loss.detach())
 
 
@@ -408,7 +415,7 @@ def _evaluate(student: nn.Module, eval_fn: Callable[[nn.Module], float]) -> floa
 def distill(student: nn.Module, sources: dict[str, DistillSource], config: DistillConfig,
             run_dir: str | Path, eval_fn: Callable[[nn.Module], float] | None = None,
             progress: bool = True, on_step: Callable[[int, float], None] | None = None,
-            student_meta: dict | None = None) -> DistillResult:
+            student_meta: dict | None = None, precision: str = "fp32") -> DistillResult:
     """Train `student` in place on `sources`; resumable from ``run_dir/checkpoint.safetensors``.
 
     ``eval_fn(student) -> accuracy`` (called in eval mode under no_grad) is logged every
@@ -416,7 +423,10 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
     each step (1-based, after any checkpoint). ``student_meta`` (e.g. ``{"arch": "conv4",
     "num_classes": 5, "image_size": 84}``) is stored with the final weights
     ``run_dir/student.safetensors`` beside what ``describe_student`` finds, so that
-    ``load_student`` / ``tint export`` can rebuild the model.
+    ``load_student`` / ``tint export`` can rebuild the model. ``precision`` ("fp32", "bf16",
+    "fp16"; tint.devices) is the forward pass's autocast: execution only, like
+    ``config.device``, so it is in neither the checkpoint fingerprint nor a key (weights,
+    optimizer state and loss stay float32; fp16 adds loss scaling on CUDA).
     Raises TintError on a non-finite loss, keeping the last checkpoint.
     """
     run_dir = Path(run_dir)
@@ -442,10 +452,13 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
     write_json(run_dir / "distill_config.json", {**asdict(config), "enabled_sources": names})
 
     student.train()
+    precision = resolve_precision(precision, config.device, option="distill precision")
+    scaler = grad_scaler(config.device, precision)
     bar = tqdm(range(start, config.iterations), desc="distill", disable=not progress,
                initial=start, total=config.iterations)
     for step in bar:
-        loss = train_step(student, optimizer, sources, names, config, step)
+        loss = train_step(student, optimizer, sources, names, config, step, precision,
+                          scaler if scaler.is_enabled() else None)
         done = step + 1
         if not math.isfinite(loss):
             kept = f"last checkpoint kept: {ckpt_path} (step {_saved_step(ckpt_path)})"
