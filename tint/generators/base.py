@@ -575,3 +575,18 @@ def batches(todo: Sequence[int], batch_size: int, desc: str, progress: bool) -> 
             batch = list(todo[start:start + batch_size])
             yield batch
             bar.update(len(batch))
+
+
+def draw_support_and_noise(rng: torch.Generator, num_supports: int, fixed: float,
+                           value_range: Sequence[float] | None,
+                           latent_shape: Sequence[int]) -> tuple[int, float, torch.Tensor]:
+    """One image's draws from its own RNG, always in this order: the support k ~ U{0..K-1},
+    a blend value (`fixed`, or ~ U(lo, hi) with `value_range`), then the noise n ~ N(0, I);
+    so a fixed and a random value give the image the same k and n."""
+    k = int(torch.randint(num_supports, (1,), generator=rng))
+    u = float(torch.rand(1, generator=rng))
+    value = fixed
+    if value_range is not None:
+        lo, hi = value_range
+        value = lo + (hi - lo) * u
+    return k, float(value), torch.randn(tuple(latent_shape), generator=rng)

@@ -29,6 +29,7 @@ from tint.generators.base import (
     batches,
     check_count,
     class_conditioning,
+    draw_support_and_noise,
     image_rng,
     image_seed,
     load_ti_artifact,
@@ -97,14 +98,9 @@ class Draw:
 def draw_image(seed: int, class_name: str, index: int, num_supports: int,
                latent_shape: Sequence[int], s: GenerateSettings) -> Draw:
     """k, strength, n for one image, always drawn in this order from the image's own RNG."""
-    rng = image_rng(seed, class_name, index)
-    k = int(torch.randint(num_supports, (1,), generator=rng))
-    u = float(torch.rand(1, generator=rng))
-    strength = s.strength
-    if s.strength_range is not None:
-        lo, hi = s.strength_range
-        strength = lo + (hi - lo) * u
-    return Draw(index, k, float(strength), torch.randn(tuple(latent_shape), generator=rng))
+    k, strength, noise = draw_support_and_noise(image_rng(seed, class_name, index), num_supports,
+                                                s.strength, s.strength_range, latent_shape)
+    return Draw(index, k, strength, noise)
 
 
 def img2img_latents(backbone: Any, support: torch.Tensor, draws: Sequence[Draw],
