@@ -165,6 +165,18 @@ def check_count(n_images: int) -> None:
 NOT_RECORDED = ("progress", "nti_batch")
 
 
+# Execution-only settings left out of artifact keys: adding one must not change any key.
+# (`progress` has always been in the keys, so it stays there: stores written before reuse.)
+NOT_IN_KEY = ("nti_batch",)
+
+
+def settings_key(settings: Any) -> dict[str, Any]:
+    """What an artifact key hashes: every field with its default filled in (an explicit
+    default and an absent key give one key), minus the execution-only `NOT_IN_KEY`."""
+    data = {k: v for k, v in asdict(settings).items() if k not in NOT_IN_KEY}
+    return json.loads(json.dumps(data, default=str))
+
+
 def settings_dict(settings: Any) -> dict[str, Any]:
     """JSON-able dict of a (possibly nested) settings dataclass, for artifact metadata."""
     data = asdict(settings) if is_dataclass(settings) else dict(settings)
