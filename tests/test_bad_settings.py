@@ -130,3 +130,24 @@ def test_bad_setting_from_the_command_line(args, message, tmp_path):
     assert len(lines) == 1 and lines[0].startswith("tint run: error: "), done.stderr
     assert message in lines[0] and "Traceback" not in done.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--ti-lr", "0"], "--ti-lr: must be > 0, got 0.0"),
+    (["--bridge-steps", "96", "1.5"], "--bridge-steps[1]: expected int or str, got 1.5"),
+    (["--ti-steps", "abc"], "--ti-steps: expected int, got 'abc'"),
+    (["--generator", "plain-ti", "--nti-lr", "0.1"], "--nti-lr: generator 'plain-ti' has no setting"),
+])
+def test_bad_specialize_flag_fails_before_any_model(flags, message, tmp_path, capsys):
+    from PIL import Image
+
+    for name in ("apple", "boat"):
+        (tmp_path / "data" / name).mkdir(parents=True)
+        for i in range(2):
+            Image.new("RGB", (24, 24), (100 * i, 50, 200)).save(tmp_path / "data" / name / f"{i}.png")
+    out = tmp_path / "artifacts"
+    code = main(["specialize", "--backbone", "tiny", "--dataset", f"folder:{tmp_path / 'data'}",
+                 "--resolution", "24", "--n-way", "2", "--k-shot", "1", "--out", str(out), *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -141,7 +141,14 @@ def build_settings(generator: Any, args: argparse.Namespace, resolution: int) ->
         values[name] = value
     common = {"backbone": args.backbone, "dataset_resolution": resolution, "seed": args.seed}
     values.update({k: v for k, v in common.items() if k in known})
-    return settings_from(cls, values, "")
+    try:
+        return settings_from(cls, values, "")
+    except TintError as err:  # name the flag: "--ti-lr: must be > 0, got 0.0"
+        key, _, rest = str(err).partition(": ")
+        name = key.split("[")[0]
+        if name not in known or name in FROM_COMMAND:
+            raise
+        raise TintError(f"--{name.replace('_', '-')}{key[len(name):]}: {rest}") from err
 
 
 def run(args: argparse.Namespace) -> int:

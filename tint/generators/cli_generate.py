@@ -16,7 +16,7 @@ from tint.devices import add_device_arguments, device_and_precision, sampling_dt
 from tint.diffusion.backbone import compile_unet
 from tint.errors import TintError
 from tint.generators import create_generator
-from tint.generators.base import MANIFEST_NAME, list_artifacts, load_artifact
+from tint.generators.base import MANIFEST_NAME, list_artifacts, load_artifact, settings_from
 from tint.generators.cli import RUN_FILE, load_backbone_on
 from tint.io import read_json, set_threads
 
@@ -62,17 +62,18 @@ def run(args: argparse.Namespace) -> int:
         if unknown:
             raise TintError(f"--classes: no artifact for {sorted(unknown)} in {args.artifacts}")
         metas = {p: m for p, m in metas.items() if m["class"] in wanted}
+    names = sorted({m["generator"] for m in metas.values()})
+    settings_by_generator = {name: _settings(create_generator(name), args) for name in names}
     backbone_spec = args.backbone or _recorded_backbone(args.artifacts, metas)
     device, precision = device_and_precision(args)
     dtype = DTYPES[args.dtype] if args.dtype else sampling_dtype(precision)
     backbone = load_backbone_on(backbone_spec, device, dtype, vae_slice_size=args.vae_slicing)
     if args.compile:
         compile_unet(backbone)
-    settings_by_generator: dict[str, object] = {}
     made = 0
     for path, meta in tqdm(list(metas.items()), desc="generate", unit="class"):
         generator = create_generator(meta["generator"])
-        settings = settings_by_generator.setdefault(meta["generator"], _settings(generator, args))
+        settings = settings_by_generator[meta["generator"]]
         paths = generator.generate(backbone, path, args.n_per_class, args.out, args.seed, settings)
         made += len(paths)
     print(f"tint generate: {made} images for {len(metas)} classes in {args.out} "
@@ -81,10 +82,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _settings(generator, args: argparse.Namespace):
+    """The generator's GenerateSettings from the flags it has, checked before any image."""
     values = {"alpha": args.alpha, "alpha_range": args.alpha_range, "batch_size": args.batch_size,
               "resolution": args.resolution}
     cls = generator.GenerateSettings
-    return cls(**{k: v for k, v in values.items() if k in cls.__dataclass_fields__})
+    known = {k: v for k, v in values.items() if k in cls.__dataclass_fields__ and v is not None}
+    return settings_from(cls, known, "")
 
 
 def _recorded_backbone(folder: Path, metas: dict) -> str:
