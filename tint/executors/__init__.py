@@ -1,6 +1,6 @@
 """Executors: what runs the planned units of a run (`executor.name` in the config).
 
-Each executor is a function ``run(ctx, episodes, units) -> None`` in its own module, looked up
+Each executor is a function ``run_units(ctx, episodes, units) -> None`` in its own module, looked up
 by name here and imported only when chosen (Ray is an optional extra: `tint-fewshot[ray]`).
 """
 
@@ -13,8 +13,8 @@ from tint.errors import TintError
 
 # name -> "module:function"
 EXECUTORS: dict[str, str] = {
-    "local": "tint.executors.local:run",
-    "ray": "tint.executors.ray_executor:run",
+    "local": "tint.executors.local:run_units",
+    "ray": "tint.executors.ray_executor:run_units",
 }
 
 

@@ -13,11 +13,17 @@ benchmarks/ray_scaling.py with stand-in units; the second half adapts tint's uni
 from __future__ import annotations
 
 import heapq
+import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
+
+from tint.errors import TintError
+
+LOGGER = logging.getLogger("tint")
 
 # ----------------------------------------------------------------------------- the generic loop
 
@@ -39,6 +45,7 @@ class DriveReport:
 
     results: dict[str, Any] = field(default_factory=dict)  # id -> what the worker returned
     skipped: list[str] = field(default_factory=list)  # done before this run: not submitted
+    shared: dict[str, str] = field(default_factory=dict)  # id -> the unit that made its artifact
     failed: dict[str, str] = field(default_factory=dict)  # id -> error message
     blocked: list[str] = field(default_factory=list)  # not run: a unit they need failed
     submitted: int = 0
@@ -146,14 +153,17 @@ def drive(tasks: list[Task], remote: Any, shared_args: tuple = (), *,
           max_retries: int = 3, keep_going: bool = False,
           on_finish: Callable[[Task, Any], None] | None = None, status_every: float = 30.0,
           log: Callable[[str], None] = print, quiet: bool = False,
-          on_submit: Callable[[Task], None] | None = None) -> DriveReport:
+          on_submit: Callable[[Task], None] | None = None,
+          share_key: Callable[[Task], str] | None = None) -> DriveReport:
     """Run `tasks` (in plan order) through the Ray remote function `remote`.
 
     `remote(*shared_args, task.payload)` runs on a worker. A task is submitted only when all
-    it needs are done, and only if `is_done(task)` says its result does not exist yet. An
-    exception raised by a unit is not retried (a dead worker is, `max_retries` times): it
-    fails that unit and blocks everything downstream; without `keep_going` nothing new is
-    submitted after it, but the units in flight still finish and keep their results.
+    it needs are done, and only if `is_done(task)` says its result does not exist yet. Ready
+    tasks with the same `share_key` (the same artifact, e.g. one teacher for every cell of an
+    experiment) run once: the others finish when that one does. An exception raised by a
+    unit is not retried (a dead worker is, `max_retries` times): it fails that unit and blocks
+    everything downstream; without `keep_going` nothing new is submitted after it, but the
+    units in flight still finish and keep their results.
     """
     import ray
 
@@ -161,7 +171,19 @@ def drive(tasks: list[Task], remote: Any, shared_args: tuple = (), *,
     graph, report = Graph(tasks), DriveReport()
     progress = _Progress(tasks, status_every, log)
     in_flight: dict[Any, tuple[Task, float]] = {}
+    owner_of: dict[str, str] = {}  # share key -> the task computing it
+    followers: dict[str, list[str]] = defaultdict(list)  # task -> tasks waiting on its artifact
     stopped = False
+
+    def finish_followers(task: Task, failed: bool) -> None:
+        for follower_id in followers.pop(task.id, []):
+            follower = graph.tasks[follower_id]
+            if failed:
+                report.blocked.extend([follower_id, *graph.downstream(follower_id)])
+                continue
+            report.shared[follower_id] = task.id
+            progress.skipped(follower.stage)
+            graph.complete(follower_id)
 
     def fill() -> None:
         while not stopped and len(in_flight) < max_in_flight:
@@ -174,6 +196,12 @@ def drive(tasks: list[Task], remote: Any, shared_args: tuple = (), *,
                 progress.skipped(task.stage)
                 graph.complete(task.id)
                 continue
+            key = share_key(task) if share_key is not None else None
+            if key is not None and key in owner_of:
+                followers[owner_of[key]].append(task.id)
+                continue
+            if key is not None:
+                owner_of[key] = task.id
             options = dict(task.resources, max_retries=max_retries, retry_exceptions=False)
             ref = remote.options(**options).remote(*shared_args, task.payload)
             in_flight[ref] = (task, time.monotonic())
@@ -194,6 +222,7 @@ def drive(tasks: list[Task], remote: Any, shared_args: tuple = (), *,
                 report.failed[task.id] = _error_text(err)
                 report.blocked.extend(graph.downstream(task.id))
                 log(f"FAILED {task.id}: {report.failed[task.id]}")
+                finish_followers(task, failed=True)
                 stopped = stopped or not keep_going
                 continue
             report.results[task.id] = result
@@ -201,12 +230,14 @@ def drive(tasks: list[Task], remote: Any, shared_args: tuple = (), *,
             if on_finish is not None:
                 on_finish(task, result)
             graph.complete(task.id)
+            finish_followers(task, failed=False)
         progress.maybe_status(len(in_flight))
         fill()
     blocked = set(report.blocked)
     report.blocked = [t.id for t in tasks if t.id in blocked]
     report.seconds = time.monotonic() - start
-    if len(report.results) + len(report.skipped) + len(report.failed) + len(blocked) < len(tasks):
+    accounted = len(report.results) + len(report.skipped) + len(report.shared) + len(report.failed)
+    if accounted + len(blocked) < len(tasks):
         if not stopped:  # only a stop leaves units unvisited; anything else is a bug
             raise RuntimeError("scheduler ended with units neither run, skipped nor blocked")
     return report
@@ -221,10 +252,397 @@ def _error_text(err: BaseException) -> str:
     return f"{type(err).__name__}: {first[0] if first else ''}"
 
 
-def gpu_and_cpu_slots(resources: Iterable[dict[str, float]]) -> dict[str, float]:
-    """The largest request per resource kind (to compare with what the cluster has)."""
-    largest: dict[str, float] = defaultdict(float)
-    for request in resources:
-        for kind, amount in request.items():
-            largest[kind] = max(largest[kind], amount)
-    return dict(largest)
+# ----------------------------------------------------------------------------- tint's units on Ray
+
+# executor.gpus names the stages a user knows; label-base is the teacher's pass over the base
+# images, so it asks for what pseudo-label asks for.
+STAGE_RESOURCES = {"teacher": "teacher", "specialize": "specialize", "generate": "generate",
+                   "label-base": "pseudo-label", "pseudo-label": "pseudo-label", "distill": "distill",
+                   "evaluate": "evaluate", "export": "export"}
+FAULTS_ENV = "TINT_RAY_TEST_FAULTS"  # tests: a folder of one-shot fault files (see _test_fault)
+LAST_REPORT: DriveReport | None = None  # the last run's DriveReport (tests count submissions)
+
+
+@dataclass
+class Cell:
+    """One run's share of the graph: its context (absolute paths), episodes and units."""
+
+    ctx: Any
+    episodes: list
+    units: list
+    prefix: str = ""  # unit ids of `tint experiment` cells are "<cell>:<unit id>"
+
+
+def run_units(ctx, episodes, units) -> None:
+    """The `ray` executor of `tint run`: the run's units on a Ray cluster."""
+    run_cells([Cell(ctx, episodes, units)])
+
+
+def run_experiment_cells(configs: list, store: Path, hooks: dict | None = None) -> DriveReport:
+    """`tint experiment --executor ray`: prepare every cell here, then run all cells' units
+    as one graph, so an artifact several cells share (the teacher, a specialisation) is one
+    task. The cells' reports are then made by the local executor, which finds every unit done."""
+    from tint.pipeline import make_context, plan_units, prepare
+
+    cells = []
+    for config in configs:
+        ctx = make_context(config, store, hooks)
+        ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        episodes = prepare(ctx)
+        cells.append(Cell(ctx, episodes, plan_units(ctx, episodes), prefix=f"{config.name}:"))
+    return run_cells(cells)
+
+
+def run_cells(cells: list[Cell]) -> DriveReport:
+    """Run the units of one or many runs (sharing a store) as one graph on a Ray cluster
+    (executor.address, RAY_ADDRESS, or one started on this machine). Units of different
+    cells that make the same artifact run once."""
+    global LAST_REPORT
+    ray = _import_ray()
+    given, cells = cells, [_absolute(cell) for cell in cells]
+    executor = cells[0].ctx.config.executor
+    for cell in cells:
+        check_model_folders(cell.ctx.config)
+    tasks = [Task(cell.prefix + u.id, u.stage, tuple(cell.prefix + n for n in u.needs),
+                  stage_resources(cell.ctx.config.executor, u.stage), (i, u))
+             for i, cell in enumerate(cells) for u in cell.units]
+    started_here = _connect(ray, executor.address)
+    try:
+        check_resources(ray, tasks)
+        check_shared_store(ray, [cells[0].ctx.store, *{c.ctx.run_dir for c in cells}])
+        _warn_if_few_in_flight(ray, executor.max_in_flight)
+        submit_hook = cells[0].ctx.hooks.get("ray-submit")
+        shared = (ray.put([(_config_dict(c.ctx), str(c.ctx.run_dir), c.episodes) for c in cells]),
+                  str(cells[0].ctx.store))
+        report = drive(
+            tasks, ray.remote(_run_unit_on_worker), shared,
+            is_done=lambda task: unit_done(cells[task.payload[0]], task.payload[1]),
+            share_key=lambda task: artifact_folder(cells[task.payload[0]], task.payload[1]),
+            max_in_flight=executor.max_in_flight, max_retries=executor.max_retries,
+            keep_going=executor.keep_going, log=LOGGER.info,
+            on_submit=(lambda task: submit_hook(task.id)) if submit_hook else None,
+            on_finish=_on_finish(cells),
+        )
+    finally:
+        if started_here:
+            ray.shutdown()
+        for before, after in zip(given, cells, strict=True):
+            _rekey_markers(before.ctx, after.ctx)
+    LAST_REPORT = report
+    LOGGER.info("ray: %d unit(s) run, %d already done, %d shared, %d failed, in %.1f s",
+                len(report.results), len(report.skipped), len(report.shared), len(report.failed),
+                report.seconds)
+    if report.failed:
+        raise _failure(cells[0].ctx, report)
+    return report
+
+
+def _import_ray():
+    try:
+        import ray
+    except ImportError as err:
+        raise TintError("executor.name: ray needs the Ray extra: pip install 'tint-fewshot[ray]' "
+                        "(or choose --executor local)") from err
+    return ray
+
+
+def _absolute(cell: Cell) -> Cell:
+    """Workers start wherever `ray start` ran: every path they see must be absolute."""
+    from dataclasses import replace
+
+    # markers stay shared: the run's stage timings count the units the workers ran
+    ctx = replace(cell.ctx, run_dir=cell.ctx.run_dir.resolve(), store=cell.ctx.store.resolve())
+    ctx.config = replace(ctx.config, run_dir=str(ctx.run_dir))
+    episodes = [replace(ep, folder=ep.folder.resolve()) for ep in cell.episodes]
+    return Cell(ctx, episodes, cell.units, cell.prefix)
+
+
+def _rekey_markers(given, absolute) -> None:
+    """File the markers seen under absolute paths under the run's own paths, as the local
+    executor would have (the report then neither re-verifies nor counts them twice)."""
+    prefixes = [(str(absolute.store), str(given.store)), (str(absolute.run_dir), str(given.run_dir))]
+    for key in list(given.markers):
+        for old, new in prefixes:
+            if key.startswith(old + "/") and old != new:
+                given.markers[new + key[len(old):]] = given.markers.pop(key)
+                break
+
+
+def _config_dict(ctx) -> dict:
+    from tint.config import config_to_dict
+
+    return config_to_dict(ctx.config)
+
+
+def _connect(ray, address: str | None) -> bool:
+    """Join the cluster (or start one here); True if this call started it."""
+    import os
+
+    if ray.is_initialized():
+        return False
+    address = address or os.environ.get("RAY_ADDRESS") or None
+    kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
+    if address is None:  # the size of a cluster started here (default: what the machine has)
+        for kind in ("cpus", "gpus"):
+            if os.environ.get(f"TINT_RAY_NUM_{kind.upper()}"):
+                kwargs[f"num_{kind}"] = int(os.environ[f"TINT_RAY_NUM_{kind.upper()}"])
+    try:
+        ray.init(address=address, **kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise TintError(f"executor.address {address!r}: cannot connect to a Ray cluster ({err}); "
+                        "start one with `ray start --head` (docs/cluster.md) or leave it unset "
+                        "for a cluster on this machine") from err
+    LOGGER.info("ray: %s cluster with %s", "connected to a" if address else "started a local",
+                _describe(ray.cluster_resources()))
+    return True
+
+
+def _describe(resources: dict[str, float]) -> str:
+    return f"{resources.get('GPU', 0):g} GPU(s), {resources.get('CPU', 0):g} CPU(s)"
+
+
+def stage_resources(executor, stage: str) -> dict[str, float]:
+    """What one unit of `stage` asks of a node: executor.cpus CPUs and its stage's GPUs."""
+    unknown = sorted(set(executor.gpus) - set(STAGE_RESOURCES.values()))
+    if unknown:
+        raise TintError(f"executor.gpus.{unknown[0]}: unknown stage; choose from "
+                        f"{', '.join(sorted(set(STAGE_RESOURCES.values())))}")
+    return {"num_cpus": float(executor.cpus),
+            "num_gpus": float(executor.gpus.get(STAGE_RESOURCES.get(stage, stage), 0.0))}
+
+
+# ----------------------------------------------------------------------------- fail fast
+
+
+def check_resources(ray, tasks: list[Task]) -> None:
+    """Ray waits forever for a request no node can meet: refuse it before submitting."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    seen: set[tuple[str, float, float]] = set()
+    for task in tasks:
+        cpus, gpus = task.resources["num_cpus"], task.resources["num_gpus"]
+        if (task.stage, cpus, gpus) in seen:
+            continue
+        seen.add((task.stage, cpus, gpus))
+        if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
+            largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
+            option = f"executor.gpus.{STAGE_RESOURCES.get(task.stage, task.stage)}"
+            no_gpu = ("; a cluster without GPUs runs every stage on CPU workers with "
+                      "--set 'executor.gpus={}'") if not any(n.get("GPU", 0) for n in nodes) else ""
+            raise TintError(
+                f"{option}={gpus:g} (with executor.cpus={cpus:g}): a {task.stage} unit asks for "
+                f"{gpus:g} GPU(s) and {cpus:g} CPU(s), but no node of the Ray cluster has that "
+                f"(largest node: {_describe(largest)}); lower it or add a larger node{no_gpu}")
+
+
+def check_shared_store(ray, folders: list[Path]) -> None:
+    """Every node must see the driver's store and run dirs at the same paths (a shared
+    filesystem): the driver writes a sentinel file in each, one tiny task per node reads them."""
+    import uuid
+
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from tint.io import write_text
+
+    token = uuid.uuid4().hex
+    sentinels = [Path(folder) / f".ray-sentinel-{token}" for folder in folders]
+    for path in sentinels:
+        write_text(path, token)
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        probe = ray.remote(_read_sentinels)
+        refs = {probe.options(num_cpus=0, scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote([str(p) for p in sentinels], token): n for n in nodes}
+        ready, pending = ray.wait(list(refs), num_returns=len(refs), timeout=120)
+        for ref in ready:
+            missing = ray.get(ref)
+            if missing:
+                node = refs[ref].get("NodeManagerAddress")
+                raise TintError(
+                    f"store: node {node} does not see {missing[0]}, written by the driver; put "
+                    "the run dir and store on a filesystem shared by every node at the same "
+                    "path (NFS, EFS, Lustre; docs/cluster.md)")
+        if pending:
+            raise TintError(f"ray: {len(pending)} node(s) did not answer a file check within "
+                            "120 s; check `ray status`")
+    finally:
+        for path in sentinels:
+            path.unlink(missing_ok=True)
+
+
+def _read_sentinels(paths: list[str], token: str) -> list[str]:
+    """On a worker: the sentinel files it cannot read back (empty: all visible)."""
+    missing = []
+    for path in paths:
+        try:
+            if Path(path).read_text() != token:
+                missing.append(path)
+        except OSError:
+            missing.append(path)
+    return missing
+
+
+def check_model_folders(config) -> None:
+    """A model given as a folder must exist on the driver: its fingerprint is part of the
+    keys, and a folder the driver cannot read would silently change every key."""
+    specs = {"generator.backbone": config.generator.backbone,
+             "teacher.backbone": config.teacher.backbone.removeprefix("vit:")}
+    for option, spec in specs.items():
+        if _looks_like_path(spec) and not Path(spec).expanduser().exists():
+            raise TintError(f"{option}: {spec} does not exist on the driver; the driver "
+                            "fingerprints model folders for the keys, so mount the same folder "
+                            "at the same path here and on every node (docs/cluster.md)")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("/", "./", "../", "~"))
+
+
+def _warn_if_few_in_flight(ray, max_in_flight: int) -> None:
+    slots = ray.cluster_resources().get("GPU", 0)
+    if max_in_flight < slots:
+        LOGGER.warning("ray: executor.max_in_flight=%d is below the cluster's %g GPUs: some will "
+                       "idle; raise it to at least the number of GPUs", max_in_flight, slots)
+
+
+# ----------------------------------------------------------------------------- on a worker
+
+
+_WORKER_CONTEXT: dict[str, Any] = {}  # in a worker process: the last run's context
+
+
+def _run_unit_on_worker(cells: list, store: str, payload: tuple) -> dict:
+    """Run one unit in a Ray worker (cells: each run's config, run dir and episodes);
+    return a few numbers, never data."""
+    import os
+    import socket
+
+    os.environ["TQDM_DISABLE"] = "1"  # no progress bars in workers' logs
+    cell, unit = payload
+    _test_fault(unit.id)
+    from tint.config import config_from_dict
+    from tint.engine import stable_hash
+    from tint.io import set_threads
+    from tint.pipeline import make_context, run_unit
+
+    start = time.perf_counter()
+    config_data, run_dir, episodes = cells[cell]
+    config = config_from_dict(config_data)
+    config.run_dir = run_dir
+    set_threads(config.executor.threads)  # a reused worker keeps whatever it had
+    device, gpu = assigned_device(config.device)
+    # A reused (CPU) worker keeps the run's context, as the local executor's one process
+    # does: the dataset and models load once per worker, not once per unit.
+    cache_key = stable_hash([config_data, run_dir, store, device])
+    ctx = _WORKER_CONTEXT.get(cache_key)
+    if ctx is None:
+        ctx = make_context(config, store)
+        ctx.device_override = device
+        _WORKER_CONTEXT.clear()
+        _WORKER_CONTEXT[cache_key] = ctx
+    marker = run_unit(ctx, episodes, unit)
+    return {"unit": unit.id, "node": socket.gethostname(), "gpu": gpu, "device": device,
+            "seconds": time.perf_counter() - start, "stage_seconds": marker.get("seconds")}
+
+
+def assigned_device(setting: str) -> tuple[str, str | None]:
+    """The device of this task from the GPU Ray assigned to it (not from what the node has:
+    a CPU task on a GPU node sees every GPU). A logical GPU without CUDA (tests) -> cpu."""
+    import ray
+    import torch
+
+    gpus = [str(g) for g in ray.get_gpu_ids()]
+    gpu = ",".join(gpus) or None
+    if gpu is None or setting == "cpu" or not torch.cuda.is_available():
+        return "cpu", gpu
+    return "cuda:0", gpu  # Ray sets CUDA_VISIBLE_DEVICES to the assigned GPU(s)
+
+
+def _test_fault(unit_id: str) -> None:
+    """Tests inject one-shot faults: with TINT_RAY_TEST_FAULTS=<folder>, a file
+    <folder>/crash--<unit id with / as -> kills this worker once, raise--<...> raises once."""
+    import os
+
+    folder = os.environ.get(FAULTS_ENV)
+    if not folder:
+        return
+    name = unit_id.replace("/", "-")
+    for kind in ("crash", "raise"):
+        path = Path(folder) / f"{kind}--{name}"
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        if kind == "crash":
+            os._exit(1)
+        raise RuntimeError(f"injected test fault in {unit_id}")
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def unit_done(cell: Cell, unit) -> bool:
+    from tint.pipeline import unit_done as done
+
+    return done(cell.ctx, cell.episodes, unit)
+
+
+def artifact_folder(cell: Cell, unit) -> str:
+    """Where the unit's artifact goes (content-keyed): equal folders are one artifact."""
+    from tint.pipeline import unit_location
+
+    episode = cell.episodes[unit.episode] if unit.episode is not None else None
+    return str(unit_location(cell.ctx, episode, unit)[0])
+
+
+def _on_finish(cells: list[Cell]) -> Callable[[Task, Any], None]:
+    """Record each finished unit's marker (the run's stage timings), and for a single run
+    rewrite the results as episodes finish."""
+    from tint.engine import DONE, read_marker
+
+    partial_report = _report_as_episodes_finish(cells) if len(cells) == 1 else None
+
+    def on_finish(task: Task, result: Any) -> None:
+        cell = cells[task.payload[0]]
+        folder = Path(artifact_folder(cell, task.payload[1]))
+        marker = read_marker(folder)
+        if marker is not None:
+            cell.ctx.markers[str(folder / DONE)] = marker
+        if partial_report is not None:
+            partial_report(task, result)
+
+    return on_finish
+
+
+def _report_as_episodes_finish(cells: list[Cell]) -> Callable[[Task, Any], None]:
+    """Rewrite results.json and the report when an episode's evaluation finishes (at most
+    once a minute), over the episodes finished so far, in order."""
+    from tint.pipeline import Unit, report
+
+    cell = cells[0]
+    last = [time.monotonic()]
+
+    def on_finish(task: Task, result: Any) -> None:
+        if task.stage != "evaluate" or time.monotonic() - last[0] < 60:
+            return
+        finished = []
+        for ep in cell.episodes:
+            if not unit_done(cell, Unit("evaluate", ep.index)):
+                break
+            finished.append(ep)
+        if finished and len(finished) < len(cell.episodes):
+            last[0] = time.monotonic()
+            try:
+                report(cell.ctx, finished)
+            except TintError as err:  # a partial report is a convenience, never a failure
+                LOGGER.warning("ray: partial report skipped (%s)", err)
+
+    return on_finish
+
+
+def _failure(ctx, report: DriveReport) -> TintError:
+    unit, message = next(iter(report.failed.items()))
+    more = f" (and {len(report.failed) - 1} more failed unit(s))" if len(report.failed) > 1 else ""
+    blocked = f"; {len(report.blocked)} unit(s) that need it did not run" if report.blocked else ""
+    return TintError(
+        f"unit {unit} failed on a Ray worker: {message}{more}{blocked}. Finished units are kept "
+        f"in {ctx.store}; fix the cause and run the same command again to resume")
