@@ -45,7 +45,6 @@ from tint.engine import (
     DONE,
     NonFiniteError,
     check_finite,
-    jsonable,
     run_stage,
     seed_everything,
     stable_hash,
@@ -509,12 +508,6 @@ def generator_settings(config: RunConfig) -> tuple[Any, Any]:
     return resolve_settings(gen.name, gen.specialize, gen.generate)
 
 
-def _settings_key(settings: Any, values: dict) -> dict:
-    """Settings with every default filled in: a key must not tell `alpha: 1.0` (the
-    default, written out) from no `alpha` at all, or equal cells would not share."""
-    return values if settings is None else jsonable(asdict(settings))
-
-
 def backbone_fingerprint(spec: str) -> str | None:
     """A cheap identity of a local generator's weights (its config files and weight-file
     sizes), so that re-exported weights under the same name never reuse old artifacts."""
@@ -546,9 +539,11 @@ def specialization_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
     gen = ctx.config.generator
 
     def generator_key() -> dict:
+        from tint.generators.base import settings_key
+
         spec_settings, _ = generator_settings(ctx.config)
         return {"name": gen.name, "backbone": gen.backbone, "weights": backbone_fingerprint(gen.backbone),
-                "specialize": _settings_key(spec_settings, gen.specialize),
+                "specialize": settings_key(spec_settings),
                 "resolution": ctx.config.data.resolution}
 
     return {**ctx.cached("generator_key", generator_key), "class": episode.classes[c],
@@ -556,10 +551,12 @@ def specialization_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
 
 
 def generation_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
+    from tint.generators.base import settings_key
+
     _, gen_settings = generator_settings(ctx.config)
     gen = ctx.config.generator
     return {"specialization": specialization_key(ctx, episode, c), "seed": gen.seed,
-            "generate": _settings_key(gen_settings, gen.generate)}
+            "generate": settings_key(gen_settings)}
 
 
 def _backbone(ctx: RunContext, fresh: bool = False):
