@@ -53,7 +53,8 @@ def cluster(faults):
 
 # Only the teacher asks for the (logical) GPU: Ray starts a fresh worker process for every GPU
 # task, which pays torch's imports again; the CPU units share two reused workers.
-CPU_STAGES = [f"executor.gpus.{stage}=0" for stage in ("specialize", "generate", "pseudo-label")]
+CPU_ONLY = {f"executor.gpus.{stage}": 0 for stage in ("specialize", "generate", "pseudo-label")}
+CPU_STAGES = [f"{key}={value}" for key, value in CPU_ONLY.items()]
 
 
 def tiny_config(run_dir: Path, executor: str = "local", *extra: str):
@@ -213,6 +214,26 @@ def test_killed_driver_then_rerun(cluster, ray_run, local_run, tmp_path):
 def test_unsatisfiable_gpu_request_fails_before_submitting(cluster, tmp_path):
     config = tiny_config(tmp_path / "run", "ray", "executor.gpus.specialize=4")
     submitted: list[str] = []
-    with pytest.raises(TintError, match=r"executor.gpus.specialize=4 .* largest node: 1 GPU"):
+    with pytest.raises(TintError, match=r"executor.gpus.specialize=4 .*largest node: 1 GPU"):
         run_pipeline(config, hooks={"ray-submit": submitted.append})
     assert submitted == []
+
+
+def test_experiment_runs_each_shared_artifact_once(cluster, tmp_path):
+    """Two cells that differ only in the report: every keyed artifact is one task."""
+    experiment = tmp_path / "exp.yaml"
+    experiment.write_text(json.dumps({
+        "name": "shared", "out_dir": str(tmp_path / "exp"), "base": str(ROOT / "configs" / "tiny.yaml"),
+        "set": {"seed": 7, "data.n_episodes": 1, "generator.name": "none", "generator.specialize": {},
+                "generator.generate": {}, "export.onnx": False,
+                "report.enabled": False, "executor.gpus.teacher": 0, **CPU_ONLY},
+        "grid": {"grid": [{"label": "a", "set": {"report.grid_images": 2}},
+                          {"label": "b", "set": {"report.grid_images": 3}}]},
+    }))
+    assert tint_main(["experiment", str(experiment), "--executor", "ray"]) == 0
+    report = ray_executor.LAST_REPORT
+    assert report.shared["shared/b:teacher"] == "shared/a:teacher"
+    assert report.shared["shared/b:distill/ep000/s00"] == "shared/a:distill/ep000/s00"
+    assert "shared/b:evaluate/ep000" in report.results  # run-dir outputs are per cell
+    cells = [json.loads((tmp_path / "exp" / "cells" / c / "results.json").read_text()) for c in "ab"]
+    assert cells[0]["episodes"][0]["accuracy"] == cells[1]["episodes"][0]["accuracy"]

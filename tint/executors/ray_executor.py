@@ -282,15 +282,20 @@ def run_experiment_cells(configs: list, store: Path, hooks: dict | None = None) 
     """`tint experiment --executor ray`: prepare every cell here, then run all cells' units
     as one graph, so an artifact several cells share (the teacher, a specialisation) is one
     task. The cells' reports are then made by the local executor, which finds every unit done."""
-    from tint.pipeline import make_context, plan_units, prepare
+    from contextlib import ExitStack
 
-    cells = []
-    for config in configs:
-        ctx = make_context(config, store, hooks)
-        ctx.run_dir.mkdir(parents=True, exist_ok=True)
-        episodes = prepare(ctx)
-        cells.append(Cell(ctx, episodes, plan_units(ctx, episodes), prefix=f"{config.name}:"))
-    return run_cells(cells)
+    from tint.config import dump_config
+    from tint.pipeline import make_context, plan_units, prepare
+    from tint.rundir import claim_run_dir
+
+    with ExitStack() as claimed:  # each cell's run dir, as its own `tint run` would claim it
+        cells = []
+        for config in configs:
+            claimed.enter_context(claim_run_dir(config.run_dir, dump_config(config), True))
+            ctx = make_context(config, store, hooks)
+            episodes = prepare(ctx)
+            cells.append(Cell(ctx, episodes, plan_units(ctx, episodes), prefix=f"{config.name}:"))
+        return run_cells(cells)
 
 
 def run_cells(cells: list[Cell]) -> DriveReport:
