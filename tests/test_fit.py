@@ -82,6 +82,7 @@ def test_fit_writes_a_complete_model_folder(fitted):
     assert "an estimate without a test set" in card
     assert "leave-one-out" in card and "the only image of blue" in card
     assert "your unlabelled images" in card and "held-out generated images" in card
+    assert "held-out images of your --unlabeled folder" in card
     report = (out / "report.html").read_text()
     assert "report/images.png" in report and (out / "report" / "images.png").is_file()
 

@@ -125,6 +125,7 @@ class Snapshot:
     query: list[list[str]]  # the same images again under other names (see docs/fit.md)
     pool: str  # what the unlabelled pool is, in words
     held_out_unlabeled: list[Path]
+    held_out_what: str = "held-out unlabelled images"  # what those are, in words
 
 
 def snapshot_labelled(images: LabelledImages, data_root: Path) -> tuple[list[list[str]], list[list[str]]]:
@@ -217,12 +218,14 @@ def make_snapshot(images: LabelledImages, config, work: Path, unlabeled: Path | 
     support, query = snapshot_labelled(images, data_root)
     if unlabeled is None:
         pool, held = openclipart_pool(config, data_root, holdout_dir)
+        what = "held-out openclipart images of other classes (its val split)"
     else:
         pool, held = user_pool(Path(unlabeled), config, data_root, holdout_dir)
+        what = "held-out images of your --unlabeled folder"
     pool_classes = sorted(p.name for p in data_root.iterdir() if p.is_dir() and p.name.startswith(POOL_PREFIX))
     write_json(data_root / "splits.json", {"base": pool_classes, "val": [], "novel": images.classes,
                                            "how": "written by tint fit"})
-    return Snapshot(data_root, images.classes, support, query, pool, held)
+    return Snapshot(data_root, images.classes, support, query, pool, held, what)
 
 
 # ----------------------------------------------------------------------------- config
@@ -446,7 +449,7 @@ def _pct(value) -> str:
     return "not measured" if value is None else f"{100 * value:.1f} %"
 
 
-def estimate_lines(estimates: dict) -> list[str]:
+def estimate_lines(estimates: dict, snapshot: Snapshot) -> list[str]:
     loo, gen, unl = (estimates["teacher_leave_one_out"], estimates["agreement_generated"],
                      estimates["agreement_unlabeled"])
     lines = []
@@ -459,7 +462,7 @@ def estimate_lines(estimates: dict) -> list[str]:
                  f"({loo['n_scored']} of {loo['n_images']} images scored"
                  + (f"; not scored: the only image of {', '.join(one)}" if one else "") + ")")
     lines.append(f"student agrees with the teacher on {gen['n']} held-out generated images: {_pct(gen['agreement'])}")
-    lines.append(f"student agrees with the teacher on {unl['n']} held-out unlabelled images: "
+    lines.append(f"student agrees with the teacher on {unl['n']} {snapshot.held_out_what}: "
                  f"{_pct(unl['agreement'])}")
     return lines
 
@@ -504,7 +507,7 @@ SHA-256 of the training images (class + each file's SHA-256, sorted): `{sha}`
 
 This is {which}.
 
-{chr(10).join('- ' + line for line in estimate_lines(estimates))}
+{chr(10).join('- ' + line for line in estimate_lines(estimates, snapshot))}
 
 ## Intended use and limits
 
@@ -538,7 +541,7 @@ def write_fit_report(out: Path, ctx, episode, snapshot: Snapshot, estimates: dic
                              "generated": generated, "curves": {name: curve}}]}
     grid = report._image_grid(results["episodes"][0], figures / "images.png", ctx.config.report.grid_images)
     curves = report._plot_curves(results, figures)
-    estimates_html = "".join(f"<li>{html.escape(line)}</li>" for line in estimate_lines(estimates))
+    estimates_html = "".join(f"<li>{html.escape(line)}</li>" for line in estimate_lines(estimates, snapshot))
     body = "\n".join([
         f"<h2>Accuracy</h2><ul>{estimates_html}</ul><p>See MODEL_CARD.md for what each figure means.</p>",
         f"<h2>Labelled and generated images</h2><p>Per class: your images, then up to "
