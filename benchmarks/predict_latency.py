@@ -112,7 +112,7 @@ def throughput(arch: str, model_dir: Path, images: list[Path], batches: list[int
         calls = calls_per_run if batch == 1 else 1
         model_only = images_per_second(lambda x=x: predictor.logits(x), batch, calls, repeats)
         end_to_end = images_per_second(
-            lambda files=files: predictor.predict(files, batch_size=batch), batch,
+            lambda files=files, b=batch: predictor.predict(files, batch_size=b), batch,
             max(1, calls // 4), repeats)
         rows.append({"arch": arch, "batch": batch, "model_images_per_s": round(model_only, 1),
                      "end_to_end_images_per_s": round(end_to_end, 1)})
