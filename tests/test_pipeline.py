@@ -84,8 +84,8 @@ def finished_run(data_root, tmp_path_factory) -> tuple[Path, dict]:
 def student_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
     for path in sorted((run_dir / "artifacts" / "distill").glob("*/student.safetensors")):
-        tensors, _ = load_tensors(path)
-        out |= {f"{path.parent.name}/{k}": v for k, v in tensors.items()}
+        tensors, _ = load_tensors(path)  # may map the file: copy before it is edited in place
+        out |= {f"{path.parent.name}/{k}": v.clone() for k, v in tensors.items()}
     return out
 
 

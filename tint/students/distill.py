@@ -541,7 +541,7 @@ def load_student(path: str | Path) -> tuple[nn.Module, dict]:
     meta = meta or {}
     if "arch" not in meta or "num_classes" not in meta:
         raise TintError(f"{path}: no student architecture in its metadata; it was not written "
-                        "by tint (pass --arch and --num-classes to tint export)")
+                        "by tint: give a student.safetensors written by `tint run` or `tint fit`")
     kwargs = {k: meta[k] for k in ("image_size", "pool") if k in meta}
     student = create_student(meta["arch"], int(meta["num_classes"]), **kwargs)
     try:
