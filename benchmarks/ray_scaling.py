@@ -183,7 +183,9 @@ def tiny_pipeline(workers_list: list[int]) -> list[dict]:
             cmd = [sys.executable, "-m", "tint.cli", "run", "configs/tiny.yaml", "--run-dir", tmp,
                    "--set", "report.enabled=false"]
             if workers:
-                cmd += ["--executor", "ray", "--set", "executor.gpus={}", "--set", "executor.cpus=1"]
+                cmd += ["--executor", "ray", "--set", "executor.cpus=1"]
+                for stage in ("teacher", "specialize", "generate", "pseudo-label"):
+                    cmd += ["--set", f"executor.gpus.{stage}=0"]
             env = dict(os.environ, TINT_RAY_NUM_CPUS=str(workers), OMP_NUM_THREADS="1")
             start = time.perf_counter()
             subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL,

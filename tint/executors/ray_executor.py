@@ -303,6 +303,7 @@ def run_cells(cells: list[Cell]) -> DriveReport:
     (executor.address, RAY_ADDRESS, or one started on this machine). Units of different
     cells that make the same artifact run once."""
     global LAST_REPORT
+    LAST_REPORT = None
     ray = _import_ray()
     given, cells = cells, [_absolute(cell) for cell in cells]
     executor = cells[0].ctx.config.executor
@@ -431,8 +432,12 @@ def check_resources(ray, tasks: list[Task]) -> None:
         if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
             largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
             option = f"executor.gpus.{STAGE_RESOURCES.get(task.stage, task.stage)}"
-            no_gpu = ("; a cluster without GPUs runs every stage on CPU workers with "
-                      "--set 'executor.gpus={}'") if not any(n.get("GPU", 0) for n in nodes) else ""
+            no_gpu = ""
+            if not any(n.get("GPU", 0) for n in nodes):
+                zeros = " ".join(f"--set executor.gpus.{stage}=0" for stage in
+                                 sorted({STAGE_RESOURCES.get(t.stage, t.stage) for t in tasks
+                                         if t.resources["num_gpus"] > 0}))
+                no_gpu = f"; a cluster without GPUs runs every stage on CPU workers: {zeros}"
             raise TintError(
                 f"{option}={gpus:g} (with executor.cpus={cpus:g}): a {task.stage} unit asks for "
                 f"{gpus:g} GPU(s) and {cpus:g} CPU(s), but no node of the Ray cluster has that "
