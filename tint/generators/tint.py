@@ -25,7 +25,12 @@ import torch
 from tqdm.auto import tqdm
 
 from tint.diffusion.bridge import ResolutionBridge
-from tint.diffusion.null_text import NullTextConfig, null_text_inversion
+from tint.diffusion.null_text import (
+    NullTextConfig,
+    NullTextResult,
+    null_text_inversion,
+    null_text_inversion_batched,
+)
 from tint.errors import TintError
 from tint.generators.base import (
     SamplingSettings,
@@ -64,6 +69,8 @@ class SpecializeSettings(TISettings):
     nti_lr: float = 1e-2
     # "decay": 1e-2*(1-i/100) + early stop (original); "constant"
     nti_schedule: Literal["decay", "constant"] = "decay"
+    # All K supports in one batched NTI (equal to one at a time up to rounding: execution only)
+    nti_batch: bool = True
 
     RANGES = {**TISettings.RANGES, "nti_inner_steps": AT_LEAST_ONE, "nti_lr": POSITIVE}
 
@@ -182,10 +189,7 @@ def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: s
                                 inner_steps=s.nti_inner_steps, lr=s.nti_lr, schedule=s.nti_schedule)
     empty = backbone.encode_prompt([""])
     z_T, uncond = [], []
-    for k in tqdm(range(images.shape[0]), desc=f"NTI {class_name}", leave=False,
-                  disable=not s.progress):
-        z0 = backbone.encode_images(images[k:k + 1])
-        result = null_text_inversion(backbone, z0, cond, empty, nti_config)
+    for result in _invert_supports(backbone, images, cond, empty, nti_config, s, class_name):
         z_T.append(result.z_T.reshape(backbone.latent_shape).float().cpu())
         uncond.append(result.uncond_embeddings.float().cpu())
 
@@ -197,6 +201,19 @@ def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: s
         guidance=s.guidance, dataset_resolution=word.dataset_resolution,
         support=images if s.store_support else None, extra=word.provenance(s),
     )
+
+
+def _invert_supports(backbone: Any, images: torch.Tensor, cond: torch.Tensor, empty: torch.Tensor,
+                     config: NullTextConfig, s: SpecializeSettings,
+                     class_name: str) -> list[NullTextResult]:
+    """NTI of every support: one batched optimisation (`nti_batch`) or one at a time."""
+    if s.nti_batch:
+        z0 = backbone.encode_images(images)
+        return null_text_inversion_batched(backbone, z0, cond, empty, config, progress=s.progress)
+    return [null_text_inversion(backbone, backbone.encode_images(images[k:k + 1]), cond, empty,
+                                config)
+            for k in tqdm(range(images.shape[0]), desc=f"NTI {class_name}", leave=False,
+                          disable=not s.progress)]
 
 
 def save_tint_artifact(path: str | Path, backbone: Any, *, class_name: str, token: str,
