@@ -122,3 +122,13 @@ def validate_dataset(ds: FewShotDataset) -> None:
                     f"{source}: class {name!r} is in both split {owner[name]!r} and {split!r}"
                 )
             owner[name] = split
+
+
+def dataset_under(root: Path, name: str, items: dict[str, list[str]],
+                  splits: dict[str, list[str]], resolution: int, fit: str,
+                  source: str | Path | None = None, **extra: object) -> FewShotDataset:
+    """A dataset whose item ids are relative to `root` (so episode files survive a move);
+    validation errors name `source` (default: the root)."""
+    return FewShotDataset(name=name, items=items, splits=splits, resolution=resolution,
+                          root=str(Path(root).resolve()), fit=fit,
+                          source=str(root if source is None else source), **extra)

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from tint.data.arrays import read_idx
-from tint.data.base import FewShotDataset
+from tint.data.base import FewShotDataset, dataset_under
 from tint.errors import TintError
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -73,12 +73,4 @@ def load_fashion_mnist(
             indices = np.flatnonzero(labels == label)
             items[CLASS_NAMES[label]].extend(f"{rel}#{i}" for i in indices)
     splits = {s: [CLASS_NAMES[i] for i in labels] for s, labels in SPLIT_LABELS.items()}
-    return FewShotDataset(
-        name="fashion-mnist",
-        items=items,
-        splits=splits,
-        resolution=resolution,
-        root=str(root.resolve()),
-        fit=fit,
-        source=str(root),
-    )
+    return dataset_under(root, "fashion-mnist", items, splits, resolution, fit)

@@ -25,7 +25,7 @@ import json
 from pathlib import Path
 
 from tint.data.arrays import get_key, safe_unpickle
-from tint.data.base import SPLITS, FewShotDataset, check_unique
+from tint.data.base import SPLITS, FewShotDataset, check_unique, dataset_under
 from tint.errors import TintError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
@@ -139,16 +139,8 @@ def load_folder(
     else:
         splits, source = found
         _check_split_classes(splits, items, source)
-    return FewShotDataset(
-        name=f"folder:{root.name}",
-        items=items,
-        splits=splits,
-        resolution=resolution,
-        root=str(root.resolve()),
-        fit=fit,
-        crop_alpha=crop_alpha,
-        source=source,
-    )
+    return dataset_under(root, f"folder:{root.name}", items, splits, resolution, fit,
+                         source=source, crop_alpha=crop_alpha)
 
 
 def _read_csv_split(csv_file: Path, root: Path) -> dict[str, list[str]]:
@@ -197,15 +189,7 @@ def load_miniimagenet(root: str | Path, resolution: int = 84, fit: str = "crop")
             where[label] = str(csv_file)
         items.update(part)
         splits[split] = sorted(part)
-    return FewShotDataset(
-        name="miniimagenet",
-        items=items,
-        splits=splits,
-        resolution=resolution,
-        root=str(root.resolve()),
-        fit=fit,
-        source=str(root),
-    )
+    return dataset_under(root, "miniimagenet", items, splits, resolution, fit)
 
 
 def closer_look_split(classes: list[str]) -> dict[str, list[str]]:
@@ -228,15 +212,7 @@ def load_cub(root: str | Path, resolution: int = 84, fit: str = "crop") -> FewSh
     else:
         splits, source = found
         _check_split_classes(splits, items, source)
-    return FewShotDataset(
-        name="cub",
-        items=items,
-        splits=splits,
-        resolution=resolution,
-        root=str(root.resolve()),
-        fit=fit,
-        source=source,
-    )
+    return dataset_under(root, "cub", items, splits, resolution, fit, source=source)
 
 
 def _cifar_dir(root: Path) -> Path:
@@ -286,12 +262,4 @@ def load_cifar_fs(root: str | Path, resolution: int = 84, fit: str = "crop") -> 
         _check_split_classes({split: splits[split]}, items, str(split_file))
     used = {c for classes in splits.values() for c in classes}
     items = {c: its for c, its in items.items() if c in used}  # CIFAR-FS uses its 100 classes
-    return FewShotDataset(
-        name="cifar-fs",
-        items=items,
-        splits=splits,
-        resolution=resolution,
-        root=str(root.resolve()),
-        fit=fit,
-        source=str(split_dir),
-    )
+    return dataset_under(root, "cifar-fs", items, splits, resolution, fit, source=str(split_dir))
