@@ -153,3 +153,11 @@ def test_corrupt_training_image_is_named_before_any_work(tmp_path):
     with pytest.raises(TintError, match=str(bad)):
         tint.fit(data, tmp_path / "model")
     assert not (tmp_path / "model").exists()
+
+
+def test_val_with_an_unknown_class_is_refused_before_any_work(tmp_path):
+    data = _labelled(tmp_path / "photos", {"red": 1, "green": 1})
+    val = _labelled(tmp_path / "val", {"red": 1, "blue": 1})
+    with pytest.raises(TintError, match=r"--val .*val: class folder\(s\) blue are not training classes"):
+        tint.fit(data, tmp_path / "model", val=val)
+    assert not (tmp_path / "model").exists()

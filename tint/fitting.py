@@ -402,15 +402,19 @@ def agreement(ctx, teacher, student, paths: list[str]) -> dict:
     return {"agreement": float((t == s).float().mean()), "n": len(paths)}
 
 
+def check_val_classes(val: LabelledImages, classes: list[str]) -> None:
+    unknown = [c for c in val.classes if c not in classes]
+    if unknown:
+        raise TintError(f"--val {val.root}: class folder(s) {', '.join(unknown)} are not training "
+                        f"classes ({', '.join(classes)}); rename or remove them")
+
+
 def val_accuracy(ctx, teacher, student, episode, val: LabelledImages) -> dict:
     import torch
 
     from tint.data.images import load_image, to_tensor
 
-    unknown = [c for c in val.classes if c not in episode.classes]
-    if unknown:
-        raise TintError(f"--val {val.root}: class folder(s) {', '.join(unknown)} are not training "
-                        f"classes ({', '.join(episode.classes)}); rename or remove them")
+    check_val_classes(val, episode.classes)
     paths = [p for c in val.classes for p in val.files[c]]
     y = torch.tensor([episode.classes.index(c) for c in val.classes for _ in val.files[c]])
     x = to_tensor([load_image(p, ctx.config.data.resolution, fit=SUPPORT_FIT) for p in paths])
@@ -461,7 +465,11 @@ def estimate_lines(estimates: dict, snapshot: Snapshot) -> list[str]:
     lines.append(f"teacher leave-one-out accuracy on the labelled images: {_pct(loo['accuracy'])} "
                  f"({loo['n_scored']} of {loo['n_images']} images scored"
                  + (f"; not scored: the only image of {', '.join(one)}" if one else "") + ")")
-    lines.append(f"student agrees with the teacher on {gen['n']} held-out generated images: {_pct(gen['agreement'])}")
+    if gen["n"]:
+        lines.append(f"student agrees with the teacher on {gen['n']} held-out generated images: "
+                     f"{_pct(gen['agreement'])}")
+    else:
+        lines.append("student-teacher agreement on generated images: not measured (no generator)")
     lines.append(f"student agrees with the teacher on {unl['n']} {snapshot.held_out_what}: "
                  f"{_pct(unl['agreement'])}")
     return lines
@@ -571,6 +579,8 @@ def fit(data_dir: str | Path, out: str | Path, config: str | Path | None = None,
     out, unlabeled = Path(out), Path(unlabeled) if unlabeled is not None else None
     images = read_labelled_folder(data_dir)
     val_images = read_labelled_folder(val, "--val") if val is not None else None
+    if val_images is not None:
+        check_val_classes(val_images, images.classes)
     check_images_decode(images)
     work = out / "work"
     cfg = load_fit_config(config, overrides, work, unlabeled)
