@@ -133,3 +133,19 @@ def test_missing_or_invalid_files_are_clear(tmp_path):
     bad.write_text("- 1\n- 2\n")
     with pytest.raises(TintError, match="must be a mapping"):
         load_config(bad)
+
+
+def test_component_settings_are_resolved_with_every_default():
+    config = load_config(None, ["teacher.settings.scale=5"])
+    assert config.teacher.settings == {"scale": 5.0, "finetune_steps": 0, "finetune_lr": 1e-4}
+    assert config.generator.specialize["nti_inner_steps"] == 2  # the demo's own value
+    assert config.generator.specialize["template"] == "a photo of an {}"  # a default
+    text = dump_config(config)
+    assert "finetune_lr: 0.0001" in text and "alpha: 1.0" in text and "ti_t_min: 250" in text
+
+
+def test_empty_config_file_is_refused(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(TintError, match="empty.yaml: the config is empty"):
+        load_config(empty)
