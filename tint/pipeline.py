@@ -875,9 +875,10 @@ def evaluate(ctx: RunContext, episode: EpisodeData) -> dict:
 
 
 def export_location(ctx: RunContext, episode: EpisodeData, s: int) -> tuple[Path, dict, None]:
+    # Keyed by the student's artifact (not its absolute path): the same export wherever
+    # the store is mounted (a cluster's driver and workers, a moved run dir).
     name = ctx.config.students[s].name
-    weights = student_folders(ctx, episode, s)[0] / "student.safetensors"
-    key = {"weights": str(weights), "onnx": ctx.config.export.onnx}
+    key = {"student": student_folders(ctx, episode, s)[0].name, "onnx": ctx.config.export.onnx}
     return ctx.run_dir / "export" / episode.label / name, key, None
 
 
@@ -887,7 +888,7 @@ def export(ctx: RunContext, episode: EpisodeData, s: int) -> dict:
     from tint.students.distill import load_student
 
     folder, key, _ = export_location(ctx, episode, s)
-    weights = Path(key["weights"])
+    weights = student_folders(ctx, episode, s)[0] / "student.safetensors"
 
     def work(f: Path) -> dict:
         distill(ctx, episode, s)  # finished: verified and skipped
