@@ -144,6 +144,9 @@ def test_fewer_than_two_classes_is_an_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "at least 2 class folders" in err and "found 1: red" in err
     assert not (tmp_path / "model").exists()
+    data = _labelled(tmp_path / "two", {"red": 1, "green": 1})
+    assert main(["fit", str(data), "--out", str(data / "model")]) == 2
+    assert "inside DATA_DIR" in capsys.readouterr().err
 
 
 def test_corrupt_training_image_is_named_before_any_work(tmp_path):

@@ -577,6 +577,9 @@ def fit(data_dir: str | Path, out: str | Path, config: str | Path | None = None,
 
     start = time.perf_counter()
     out, unlabeled = Path(out), Path(unlabeled) if unlabeled is not None else None
+    if out.resolve().is_relative_to(Path(data_dir).resolve()):
+        raise TintError(f"--out {out}: the model folder is inside DATA_DIR {data_dir}, where it would "
+                        "be read as a class; put it elsewhere")
     images = read_labelled_folder(data_dir)
     val_images = read_labelled_folder(val, "--val") if val is not None else None
     if val_images is not None:
