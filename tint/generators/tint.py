@@ -39,6 +39,7 @@ from tint.generators.base import (
     artifact_path,
     batches,
     check_count,
+    draw_support_and_noise,
     image_rng,
     image_seed,
     install_token_embedding,
@@ -255,15 +256,9 @@ class ImageDraw:
 def draw_image(run_seed: int, class_name: str, index: int, num_supports: int,
                latent_shape: Sequence[int], settings: GenerateSettings) -> ImageDraw:
     """k, alpha, n for image `index`; always drawn in this order so fixed/random alpha share n."""
-    rng = image_rng(run_seed, class_name, index)
-    k = int(torch.randint(num_supports, (1,), generator=rng))
-    u = float(torch.rand(1, generator=rng))
-    alpha = settings.alpha
-    if settings.alpha_range is not None:
-        lo, hi = settings.alpha_range
-        alpha = lo + (hi - lo) * u
-    noise = torch.randn(tuple(latent_shape), generator=rng)
-    return ImageDraw(index, image_seed(run_seed, class_name, index), k, float(alpha), noise)
+    k, alpha, noise = draw_support_and_noise(image_rng(run_seed, class_name, index), num_supports,
+                                             settings.alpha, settings.alpha_range, latent_shape)
+    return ImageDraw(index, image_seed(run_seed, class_name, index), k, alpha, noise)
 
 
 def prepare_backbone(backbone: Any, artifact: TintArtifact) -> torch.Tensor:
