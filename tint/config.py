@@ -221,8 +221,16 @@ def config_from_dict(data: dict | None) -> RunConfig:
     component settings (resolved with their defaults), devices and model paths."""
     config = from_mapping(RunConfig, data, "")
     check_values(config)
-    resolve_components(config)
+    check_components(config)
     return config
+
+
+def check_components(config: RunConfig) -> None:
+    """Names and settings of the generator, teacher and students, resolved and checked
+    (also for a RunConfig built in code, which `tint.pipeline` checks before any work)."""
+    resolve_components(config)
+    check_student_archs(config)
+    check_embedded_generator(config)
 
 
 def resolve_components(config: RunConfig) -> None:
@@ -436,6 +444,28 @@ def looks_like_path(spec: str) -> bool:
     if spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
         return True
     return "/" in spec and Path(spec.split("/")[0]).expanduser().is_dir()
+
+
+def check_student_archs(config: RunConfig) -> None:
+    from tint.students.models import list_students
+
+    for i, student in enumerate(config.students):
+        if student.arch not in list_students():
+            raise TintError(f"students[{i}].arch: unknown student {student.arch!r}; "
+                            f"choose one of {', '.join(list_students())}")
+
+
+def check_embedded_generator(config: RunConfig) -> None:
+    if config.generator.name == "none" or config.generator.backbone != "tint-clipart":
+        return
+    from tint.diffusion.backbone import EMBEDDED_GENERATOR_DIR, SMALL_GENERATOR_MARKER
+
+    if not (EMBEDDED_GENERATOR_DIR / SMALL_GENERATOR_MARKER).is_file():
+        raise TintError(
+            f"generator.backbone: the embedded generator 'tint-clipart' is missing from "
+            f"{EMBEDDED_GENERATOR_DIR}; reinstall tint, or set generator.backbone to a "
+            "generator folder (tint pretrain-generator) or a Stable Diffusion folder"
+        )
 
 
 def check_model_paths(config: RunConfig) -> None:

@@ -108,30 +108,11 @@ def _attach_log(path: Path) -> logging.Handler:
 
 
 def validate_components(config: RunConfig) -> None:
-    """Check names and component settings before any work, each error naming its key."""
-    from tint.generators import available_generators
-    from tint.students.models import list_students
-    from tint.teachers.recipes import teacher_recipe
+    """Check names and component settings before any work, each error naming its key (a
+    loaded config was checked already; one built in code is checked here)."""
+    from tint.config import check_components
 
-    gen = config.generator
-    if gen.name not in available_generators():
-        raise TintError(f"generator.name: unknown generator {gen.name!r}; "
-                        f"choose one of {', '.join(available_generators())}")
-    generator_settings(config)
-    if gen.name != "none" and gen.backbone == "tint-clipart":
-        from tint.diffusion.backbone import EMBEDDED_GENERATOR_DIR, SMALL_GENERATOR_MARKER
-
-        if not (EMBEDDED_GENERATOR_DIR / SMALL_GENERATOR_MARKER).is_file():
-            raise TintError(
-                f"generator.backbone: the embedded generator 'tint-clipart' is missing from "
-                f"{EMBEDDED_GENERATOR_DIR}; reinstall tint, or set generator.backbone to a "
-                "generator folder (tint pretrain-generator) or a Stable Diffusion folder"
-            )
-    teacher_recipe(config.teacher.name)
-    for i, student in enumerate(config.students):
-        if student.arch not in list_students():
-            raise TintError(f"students[{i}].arch: unknown student {student.arch!r}; "
-                            f"choose one of {', '.join(list_students())}")
+    check_components(config)
 
 
 # ----------------------------------------------------------------------------- run context
