@@ -116,14 +116,16 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
 
 
 @contextmanager
-def folder_lock(folder: str | Path, on_wait: Any = None) -> Iterator[None]:
-    """Hold an exclusive lock on `folder` (a ``.lock`` file in it) across processes.
+def folder_lock(folder: str | Path, on_wait: Any = None, name: str = ".lock",
+                on_busy: Any = None) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` (the file `name` in it) across processes.
 
     Two runs that share an artifact store (two `tint experiment` processes) must not
     compute the same artifact at once: the second waits here, then finds it done. The
     OS drops the lock when the holder dies, so a killed run never leaves it stuck.
-    `on_wait(seconds)` is called if the lock was busy. Without fcntl (Windows) it is a
-    no-op: one process per store there.
+    `on_busy()` is called before waiting for a busy lock (it may raise instead), and
+    `on_wait(seconds)` after. Without fcntl (Windows) it is a no-op: one process per store
+    there.
     """
     try:
         import fcntl
@@ -132,10 +134,12 @@ def folder_lock(folder: str | Path, on_wait: Any = None) -> Iterator[None]:
         return
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with open(folder / ".lock", "a+b") as handle:
+    with open(folder / name, "a+b") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            if on_busy is not None:
+                on_busy()
             start = perf_counter()
             fcntl.flock(handle, fcntl.LOCK_EX)
             if on_wait is not None:

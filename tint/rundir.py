@@ -25,13 +25,12 @@ import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from time import perf_counter
 from typing import Any
 
 import yaml
 
 from tint.errors import TintError
-from tint.io import write_text
+from tint.io import folder_lock, write_text
 
 LOGGER = logging.getLogger("tint")
 CONFIG_FILE = "config.yaml"
@@ -81,27 +80,12 @@ def make_run_dir(run_dir: Path) -> None:
                         "folder; choose another --run-dir") from err
 
 
-@contextmanager
-def _run_lock(run_dir: Path, config_text: str, on_wait: Callable[[float], Any] | None) -> Iterator[None]:
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover - not POSIX: one run per run dir, unchecked
-        yield
-        return
-    with open(run_dir / LOCK_FILE, "a+b") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            _refuse_if_other_settings(run_dir, config_text)
-            LOGGER.info("run dir %s is in use by the same run: waiting for it", run_dir)
-            start = perf_counter()
-            fcntl.flock(handle, fcntl.LOCK_EX)
-            if on_wait is not None:
-                on_wait(perf_counter() - start)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+def _run_lock(run_dir: Path, config_text: str, on_wait: Callable[[float], Any] | None):
+    def busy() -> None:
+        _refuse_if_other_settings(run_dir, config_text)
+        LOGGER.info("run dir %s is in use by the same run: waiting for it", run_dir)
+
+    return folder_lock(run_dir, on_wait=on_wait, name=LOCK_FILE, on_busy=busy)
 
 
 def _refuse_if_other_settings(run_dir: Path, config_text: str) -> None:
