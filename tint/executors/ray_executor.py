@@ -309,9 +309,13 @@ def run_cells(cells: list[Cell]) -> DriveReport:
     executor = cells[0].ctx.config.executor
     for cell in cells:
         check_model_folders(cell.ctx.config)
-    tasks = [Task(cell.prefix + u.id, u.stage, tuple(cell.prefix + n for n in u.needs),
-                  stage_resources(cell.ctx.config.executor, u.stage), (i, u))
-             for i, cell in enumerate(cells) for u in cell.units]
+    # Plan order: episode by episode, and within an episode cell by cell (an experiment's
+    # cells then finish their first episodes together).
+    planned = sorted(((-1 if u.episode is None else u.episode, i, n), i, u)
+                     for i, cell in enumerate(cells) for n, u in enumerate(cell.units))
+    tasks = [Task(cells[i].prefix + u.id, u.stage, tuple(cells[i].prefix + n for n in u.needs),
+                  stage_resources(cells[i].ctx.config.executor, u.stage), (i, u))
+             for _order, i, u in planned]
     started_here = _connect(ray, executor.address)
     try:
         check_resources(ray, tasks)
