@@ -184,10 +184,16 @@ class DiffusionBackbone:
 
     # --- execution ---------------------------------------------------------------------------
     def to(self, device: str | torch.device, dtype: torch.dtype | None = None) -> DiffusionBackbone:
-        """Move UNet, autoencoder and text encoder to `device` (and `dtype`); returns self."""
+        """Move UNet, autoencoder and text encoder to `device` (and `dtype`); returns self.
+
+        An fp16 request keeps a VAE whose config says ``force_upcast`` (SD's, by default) in
+        float32, as diffusers' pipelines decode it: SD's VAE decoder overflows in fp16.
+        """
         for module in (self.unet, self.vae, self.text_encoder):
+            upcast = dtype == torch.float16 and module is self.vae and bool(
+                getattr(getattr(module, "config", None), "force_upcast", False))
             # nn.Module.to: diffusers' override warns on every dtype cast (for nothing here)
-            nn.Module.to(module, device=device, dtype=dtype)
+            nn.Module.to(module, device=device, dtype=torch.float32 if upcast else dtype)
         return self
 
     @property
