@@ -237,3 +237,11 @@ def test_experiment_runs_each_shared_artifact_once(cluster, tmp_path):
     assert "shared/b:evaluate/ep000" in report.results  # run-dir outputs are per cell
     cells = [json.loads((tmp_path / "exp" / "cells" / c / "results.json").read_text()) for c in "ab"]
     assert cells[0]["episodes"][0]["accuracy"] == cells[1]["episodes"][0]["accuracy"]
+
+
+def test_model_folder_missing_on_the_driver_fails_before_submitting(cluster, tmp_path):
+    config = tiny_config(tmp_path / "run", "ray", f"generator.backbone={tmp_path}/no-such-model")
+    submitted: list[str] = []
+    with pytest.raises(TintError, match=r"generator.backbone: .*no-such-model does not exist"):
+        run_pipeline(config, hooks={"ray-submit": submitted.append})
+    assert submitted == []

@@ -259,6 +259,8 @@ def _error_text(err: BaseException) -> str:
 STAGE_RESOURCES = {"teacher": "teacher", "specialize": "specialize", "generate": "generate",
                    "label-base": "pseudo-label", "pseudo-label": "pseudo-label", "distill": "distill",
                    "evaluate": "evaluate", "export": "export"}
+# Workers draw no progress bars (tqdm reads this when imported, before a task starts).
+WORKER_ENV = {"TQDM_DISABLE": "1"}
 FAULTS_ENV = "TINT_RAY_TEST_FAULTS"  # tests: a folder of one-shot fault files (see _test_fault)
 LAST_REPORT: DriveReport | None = None  # the last run's DriveReport (tests count submissions)
 
@@ -325,7 +327,7 @@ def run_cells(cells: list[Cell]) -> DriveReport:
         shared = (ray.put([(_config_dict(c.ctx), str(c.ctx.run_dir), c.episodes) for c in cells]),
                   str(cells[0].ctx.store))
         report = drive(
-            tasks, ray.remote(_run_unit_on_worker), shared,
+            tasks, ray.remote(runtime_env={"env_vars": WORKER_ENV})(_run_unit_on_worker), shared,
             is_done=lambda task: unit_done(cells[task.payload[0]], task.payload[1]),
             share_key=lambda task: artifact_folder(cells[task.payload[0]], task.payload[1]),
             max_in_flight=executor.max_in_flight, max_retries=executor.max_retries,
@@ -527,10 +529,8 @@ _WORKER_CONTEXT: dict[str, Any] = {}  # in a worker process: the last run's cont
 def _run_unit_on_worker(cells: list, store: str, payload: tuple) -> dict:
     """Run one unit in a Ray worker (cells: each run's config, run dir and episodes);
     return a few numbers, never data."""
-    import os
     import socket
 
-    os.environ["TQDM_DISABLE"] = "1"  # no progress bars in workers' logs
     cell, unit = payload
     _test_fault(unit.id)
     from tint.config import config_from_dict
