@@ -6,21 +6,20 @@ by name here and imported only when chosen (Ray is an optional extra: `tint-fews
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
-from tint.errors import TintError
+from tint.registry import Registry
 
-# name -> "module:function"
-EXECUTORS: dict[str, str] = {
+EXECUTORS = Registry("executor", {
     "local": "tint.executors.local:run_units",
     "ray": "tint.executors.ray_executor:run_units",
-}
+})
+
+
+def available_executors() -> list[str]:
+    return EXECUTORS.names()
 
 
 def get_executor(name: str) -> Callable:
     """The executor function called `name` (executor.name / --executor)."""
-    if name not in EXECUTORS:
-        raise TintError(f"executor.name: unknown executor {name!r}; choose from {', '.join(EXECUTORS)}")
-    module_name, function = EXECUTORS[name].split(":")
-    return getattr(importlib.import_module(module_name), function)
+    return EXECUTORS.load(name, key="executor.name")

@@ -7,19 +7,18 @@ loads every teacher through these three calls and never branches on a teacher's 
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tint.errors import TintError
+from tint.registry import Registry
 
 # name -> module providing run_key / train_for_run / load_for_run
-RECIPES: dict[str, str] = {
+RECIPES = Registry("teacher", {
     "pmf": "tint.teachers.protonet",
     "labelhalluc": "tint.teachers.labelhalluc",
-}
+})
 
 
 @dataclass
@@ -44,17 +43,13 @@ class TeacherInputs:
 
 
 def teacher_recipe(name: str):
-    if name not in RECIPES:
-        raise TintError(f"teacher.name: unknown teacher {name!r}; choose one of {', '.join(RECIPES)}")
-    return importlib.import_module(RECIPES[name])
+    return RECIPES.load(name, key="teacher.name")
 
 
 def non_default_settings(name: str, settings: dict) -> dict:
-    try:
-        from tint.teachers import resolve_teacher_settings
-    except ImportError:  # settings not typed: every given value counts
-        return dict(settings)
     from dataclasses import asdict
+
+    from tint.teachers import resolve_teacher_settings
 
     defaults = asdict(resolve_teacher_settings(name, {}))
     return {k: v for k, v in settings.items() if k not in defaults or defaults[k] != v}
