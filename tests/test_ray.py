@@ -136,11 +136,14 @@ def test_drive_runs_once_per_artifact_and_blocks_what_needs_a_failure(cluster):
     tasks = [Task("a", "s", (), cpu, "a"), Task("a2", "s", (), cpu, "a"),
              Task("b", "s", ("a2",), cpu, "b"), Task("bad", "s", (), cpu, "boom"),
              Task("after-bad", "s", ("bad",), cpu, "x"), Task("last", "s", ("b", "after-bad"), cpu, "y")]
+    lines: list[str] = []
     report = drive(tasks, ray.remote(_echo), keep_going=True, share_key=lambda t: t.payload,
-                   is_done=lambda t: False, log=lambda line: None)
+                   is_done=lambda t: False, log=lines.append, status_every=0.0)
     assert set(report.results) == {"a", "b"} and report.shared == {"a2": "a"}
     assert report.failed == {"bad": "ValueError: boom"}
     assert report.blocked == ["after-bad", "last"] and report.submitted == 3
+    assert "done a on test in 0.0 s" in lines and "FAILED bad: ValueError: boom" in lines
+    assert lines[-1].startswith("status: 3/6 done, 0 running; s 3/6")  # a2 shared with a
 
 
 # ----------------------------------------------------------------------------- tint run on Ray

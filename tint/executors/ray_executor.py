@@ -170,7 +170,7 @@ def drive(tasks: list[Task], remote: Any, shared_args: tuple = (), *,
     start = time.monotonic()
     graph, report = Graph(tasks), DriveReport()
     progress = _Progress(tasks, status_every, log)
-    in_flight: dict[Any, tuple[Task, float]] = {}
+    in_flight: dict[Any, Task] = {}  # Ray object ref -> its task
     owner_of: dict[str, str] = {}  # share key -> the task computing it
     followers: dict[str, list[str]] = defaultdict(list)  # task -> tasks waiting on its artifact
     stopped = False
@@ -204,7 +204,7 @@ def drive(tasks: list[Task], remote: Any, shared_args: tuple = (), *,
                 owner_of[key] = task.id
             options = dict(task.resources, max_retries=max_retries, retry_exceptions=False)
             ref = remote.options(**options).remote(*shared_args, task.payload)
-            in_flight[ref] = (task, time.monotonic())
+            in_flight[ref] = task
             report.submitted += 1
             progress.submitted(task.stage)
             if on_submit is not None:
@@ -215,7 +215,7 @@ def drive(tasks: list[Task], remote: Any, shared_args: tuple = (), *,
         timeout = max(0.0, progress.next_status - time.monotonic())
         ready, _ = ray.wait(list(in_flight), num_returns=1, timeout=timeout)
         for ref in ready:
-            task, _submitted_at = in_flight.pop(ref)
+            task = in_flight.pop(ref)
             try:
                 result = ray.get(ref)
             except Exception as err:  # an application error or a worker that died for good
