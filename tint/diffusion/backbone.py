@@ -362,11 +362,12 @@ def load_backbone(spec: str | Path, device: str | torch.device = "cpu",
     return backbone
 
 
-def compile_unet(backbone: DiffusionBackbone, mode: str = "max-autotune-no-cudagraphs") -> DiffusionBackbone:
+def compile_unet(backbone: DiffusionBackbone, mode: str | None = None) -> DiffusionBackbone:
     """`torch.compile` the UNet for sampling (an option, off by default: the first batch
-    pays minutes of compilation, worth it only for thousands of images)."""
+    pays about a minute of compilation, worth it only for thousands of images). `mode`:
+    torch.compile's (None: its default; "max-autotune" tunes every GEMM, several minutes)."""
     if not hasattr(backbone.unet, "_orig_mod"):
-        backbone.unet = torch.compile(backbone.unet, mode=mode, fullgraph=False)
+        backbone.unet = torch.compile(backbone.unet, mode=mode)
     return backbone
 
 
