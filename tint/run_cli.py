@@ -29,6 +29,8 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags that choose where units run; they never change an artifact key."""
     parser.add_argument("--device", default=None,
                         help="auto | cpu | cuda | cuda:N (default: the config's `device`, auto)")
+    parser.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16", "fp16"),
+                        help="number format per stage (docs/diffusion.md; default: the config's, auto)")
     parser.add_argument("--executor", default=None, choices=("local", "ray"),
                         help="run units in this process (local) or on a Ray cluster (ray)")
     parser.add_argument("--ray-address", default=None,
@@ -40,6 +42,8 @@ def execution_overrides(args: argparse.Namespace) -> list[str]:
     out = []
     if getattr(args, "device", None):
         out.append(f"device={args.device}")
+    if getattr(args, "precision", None):
+        out.append(f"precision={args.precision}")
     if getattr(args, "executor", None):
         out.append(f"executor.name={args.executor}")
     if getattr(args, "ray_address", None):
