@@ -610,11 +610,16 @@ def generate(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
 
 
 def synthetic_paths(ctx: RunContext, episode: EpisodeData) -> list[list[str]]:
-    """The generated images of every class of the episode (empty lists without synthetic data)."""
-    from tint.generators.base import manifest_paths
-
+    """The generated images of every class of the episode (empty lists without synthetic data).
+    Read once per process: the keys of the labels, students and evaluation all need them."""
     if not uses_synthetic(ctx):
         return [[] for _ in episode.classes]
+    return ctx.cached(f"synthetic:{episode.index}", lambda: _read_synthetic_paths(ctx, episode))
+
+
+def _read_synthetic_paths(ctx: RunContext, episode: EpisodeData) -> list[list[str]]:
+    from tint.generators.base import manifest_paths
+
     wanted = ctx.config.generator.images_per_class
     paths = []
     for c, name in enumerate(episode.classes):
