@@ -26,10 +26,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from export_latency import images_per_second  # the same timing loop (benchmarks/ is on sys.path)
 from PIL import Image
 
 CLASSES = ["a", "b", "c", "d", "e"]
@@ -71,19 +71,6 @@ def wall_time(cmd: list[str], repeats: int, env: dict) -> float:
         subprocess.run(cmd, check=True, capture_output=True, env=env)
         times.append(time.perf_counter() - start)
     return statistics.median(times)
-
-
-def images_per_second(fn: Callable[[], object], images_per_call: int, calls: int,
-                      repeats: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    rates = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        rates.append(images_per_call * calls / (time.perf_counter() - start))
-    return statistics.median(rates)
 
 
 def startup(model_dir: Path, image: Path, repeats: int, threads: int) -> dict:
