@@ -30,6 +30,7 @@ FAST_TI = {**FAST_DIFFUSION, "ti_steps": 1}
 # generator -> (specialize settings, generate settings) small enough for a test
 FAST: dict[str, tuple[dict, dict]] = {
     "tint": ({**FAST_TI, "nti_inner_steps": 1}, {"batch_size": 2}),
+    "tint-lora": ({**FAST_TI, "nti_inner_steps": 1, "lora_steps": 2}, {"batch_size": 2}),
     "plain-ti": (FAST_TI, {"batch_size": 2}),
     "da-fusion": (FAST_TI, {"batch_size": 2}),
     "none": ({"dataset_resolution": RES}, {}),

@@ -18,6 +18,7 @@ from tint.registry import Registry
 # name -> module. Add new generators here.
 GENERATORS = Registry("generator", {
     "tint": "tint.generators.tint",
+    "tint-lora": "tint.generators.tint:TINT_LORA",  # TINT + UNet LoRA on the supports (issue 14)
     "plain-ti": "tint.generators.plain_ti",
     "da-fusion": "tint.generators.da_fusion",
     "none": "tint.generators.none",

@@ -446,7 +446,7 @@ def validate_support(support: Any, class_name: str, resolution: int | None = Non
 # ---------------------------------------------------------------------------------------------
 # Textual inversion of the class word (tint, plain TI and DA-Fusion specialise through this)
 
-TI_GENERATORS = ("plain-ti", "da-fusion", "tint")  # artifacts that carry a TI embedding
+TI_GENERATORS = ("plain-ti", "da-fusion", "tint", "tint-lora")  # artifacts that carry a TI embedding
 
 
 @dataclass

@@ -12,11 +12,18 @@ generate (Algorithm 2), per image i (own RNG from (seed, class, i)):
     DDIM + CFG from z~ with the class embedding and support k's per-step u_t,k
     -> PNG at dataset resolution + a manifest row. Many images share one UNet call (each with
     its own u_t,k; the CFG pair in the same batch); batching never changes an image.
+
+tint-lora (`TINT_LORA`, beyond the paper; issue 14): the same two algorithms with one step
+added after TI: low-rank adapters of the UNet's attention are fine-tuned on the supports
+(tint.diffusion.lora), NTI runs on the adapted UNet, and generation attaches the adapters the
+artifact stores (``lora.*`` tensors). It lives here, as a variant, because it is TINT plus one
+step; `TINT_LORA` has the whole generator contract (tint.generators.base.Generator).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -53,9 +60,11 @@ from tint.generators.base import (
     settings_from,
     write_generated,
 )
-from tint.settings import AT_LEAST_ONE, POSITIVE, UNIT, check_interval, join
+from tint.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, UNIT, check_interval, join
 
 NAME = "tint"
+LORA_NAME = "tint-lora"
+LORA_PREFIX = "lora."  # artifact tensors of the class's UNet adapters (tint-lora only)
 REQUIRED_TENSORS = ("embedding", "z_T", "uncond", "timesteps")
 MAY_RETURN_FEWER = False
 
@@ -74,6 +83,27 @@ class SpecializeSettings(TISettings):
     nti_batch: bool = True
 
     RANGES = {**TISettings.RANGES, "nti_inner_steps": AT_LEAST_ONE, "nti_lr": POSITIVE}
+
+
+@dataclass
+class LoraSpecializeSettings(SpecializeSettings):
+    """tint-lora: Algorithm 1's knobs plus the UNet adapters', trained after TI on the same
+    supports (see tint.diffusion.lora.AdapterConfig for why these defaults)."""
+
+    lora_rank: int = 4
+    lora_alpha: float | None = None  # None: = lora_rank
+    lora_steps: int = 100
+    lora_lr: float = 1e-4
+    lora_t_min: int = 0
+
+    RANGES = {**SpecializeSettings.RANGES, "lora_rank": AT_LEAST_ONE, "lora_alpha": POSITIVE,
+              "lora_steps": AT_LEAST_ONE, "lora_lr": POSITIVE, "lora_t_min": NON_NEGATIVE}
+
+    def adapter_config(self):
+        from tint.diffusion.lora import AdapterConfig
+
+        return AdapterConfig(rank=self.lora_rank, alpha=self.lora_alpha, steps=self.lora_steps,
+                             lr=self.lora_lr, t_min=self.lora_t_min, seed=self.seed)
 
 
 @dataclass
@@ -135,14 +165,15 @@ class TintArtifact:
     uncond: torch.Tensor  # [K, T, L, D]
     timesteps: torch.Tensor  # [T]
     meta: dict
+    lora: dict[str, torch.Tensor]  # tint-lora's UNet adapter weights; empty for tint
 
     @property
     def num_supports(self) -> int:
         return int(self.z_T.shape[0])
 
 
-def load_tint_artifact(path: str | Path) -> TintArtifact:
-    tensors, meta = load_artifact(path, REQUIRED_TENSORS, generator=NAME)
+def load_tint_artifact(path: str | Path, generator: str = NAME) -> TintArtifact:
+    tensors, meta = load_artifact(path, REQUIRED_TENSORS, generator=generator)
     z_T, uncond = tensors["z_T"], tensors["uncond"]
     if uncond.ndim != 4 or z_T.shape[0] != uncond.shape[0] or z_T.shape[0] == 0:
         raise TintError(f"{path}: z_T {tuple(z_T.shape)} and uncond {tuple(uncond.shape)} "
@@ -150,8 +181,21 @@ def load_tint_artifact(path: str | Path) -> TintArtifact:
     if uncond.shape[1] != tensors["timesteps"].numel():
         raise TintError(f"{path}: {uncond.shape[1]} unconditional embeddings for "
                         f"{tensors['timesteps'].numel()} timesteps; re-run `tint specialize`")
+    lora = {k[len(LORA_PREFIX):]: v for k, v in tensors.items() if k.startswith(LORA_PREFIX)}
+    if generator == LORA_NAME and (not lora or "lora" not in meta):
+        raise TintError(f"{path}: a tint-lora artifact without its LoRA weights; delete it and "
+                        "re-run `tint specialize`")
     return TintArtifact(Path(path), meta["class"], meta["token"], meta["prompt"],
-                        tensors["embedding"], z_T, uncond, tensors["timesteps"], meta)
+                        tensors["embedding"], z_T, uncond, tensors["timesteps"], meta, lora)
+
+
+def adapter_of(backbone: Any, artifact: TintArtifact) -> AbstractContextManager:
+    """The backbone with the artifact's UNet adapters attached (tint-lora), else unchanged."""
+    if not artifact.lora:
+        return nullcontext()
+    from tint.diffusion.lora import AdapterConfig, class_adapter
+
+    return class_adapter(backbone.unet, artifact.lora, AdapterConfig(**artifact.meta["lora"]))
 
 
 def check_backbone_matches(backbone: Any, artifact: TintArtifact) -> None:
@@ -179,20 +223,34 @@ def check_backbone_matches(backbone: Any, artifact: TintArtifact) -> None:
 def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: str | Path,
                settings: SpecializeSettings | dict | None = None) -> Path:
     """TI on all supports, NTI per support; write the class artifact (atomically, last)."""
-    s = settings_from(SpecializeSettings, settings)
-    word = learn_class_word(backbone, class_name, support, s, NAME)
+    return _specialize(backbone, class_name, support, out_dir,
+                       settings_from(SpecializeSettings, settings), NAME)
+
+
+def specialize_lora(backbone: Any, class_name: str, support: torch.Tensor, out_dir: str | Path,
+                    settings: LoraSpecializeSettings | dict | None = None) -> Path:
+    """tint-lora: TI, then UNet adapters on the supports, then NTI on the adapted UNet."""
+    return _specialize(backbone, class_name, support, out_dir,
+                       settings_from(LoraSpecializeSettings, settings), LORA_NAME)
+
+
+def _specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: str | Path,
+                s: SpecializeSettings, generator: str) -> Path:
+    word = learn_class_word(backbone, class_name, support, s, generator)
     images = word.images
     install_token_embedding(backbone, word.token, word.embedding)
     prompt = s.template.format(word.token)
+    lora, extra = _train_adapters(backbone, images, prompt, s)
     cond = backbone.encode_prompt([prompt])
 
     nti_config = NullTextConfig(num_steps=s.num_steps, guidance=s.guidance,
                                 inner_steps=s.nti_inner_steps, lr=s.nti_lr, schedule=s.nti_schedule)
     empty = backbone.encode_prompt([""])
     z_T, uncond = [], []
-    for result in _invert_supports(backbone, images, cond, empty, nti_config, s, class_name):
-        z_T.append(result.z_T.reshape(backbone.latent_shape).float().cpu())
-        uncond.append(result.uncond_embeddings.float().cpu())
+    with _adapters_attached(backbone, lora, s):
+        for result in _invert_supports(backbone, images, cond, empty, nti_config, s, class_name):
+            z_T.append(result.z_T.reshape(backbone.latent_shape).float().cpu())
+            uncond.append(result.uncond_embeddings.float().cpu())
 
     target = artifact_path(out_dir, class_name)
     save_learned_word(target, word)
@@ -200,8 +258,31 @@ def specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: s
         target, backbone, class_name=class_name, token=word.token, prompt=prompt,
         embedding=word.embedding, z_T=torch.stack(z_T), uncond=torch.stack(uncond),
         guidance=s.guidance, dataset_resolution=word.dataset_resolution,
-        support=images if s.store_support else None, extra=word.provenance(s),
+        support=images if s.store_support else None, extra={**word.provenance(s), **extra},
+        lora=lora, generator=generator,
     )
+
+
+def _train_adapters(backbone: Any, images: torch.Tensor, prompt: str,
+                    s: SpecializeSettings) -> tuple[dict[str, torch.Tensor], dict]:
+    """tint-lora's extra step: (adapter weights, their metadata); nothing for tint."""
+    if not isinstance(s, LoraSpecializeSettings):
+        return {}, {}
+    from tint.diffusion.lora import train_class_adapter
+
+    config = s.adapter_config()
+    tensors, losses = train_class_adapter(backbone, images, prompt, config, progress=s.progress)
+    meta = {"rank": config.rank, "alpha": config.alpha, "targets": list(config.targets)}
+    return tensors, {"lora": meta, "lora_first_loss": losses[0], "lora_final_loss": losses[-1]}
+
+
+def _adapters_attached(backbone: Any, lora: dict[str, torch.Tensor],
+                       s: SpecializeSettings) -> AbstractContextManager:
+    if not lora:
+        return nullcontext()
+    from tint.diffusion.lora import class_adapter
+
+    return class_adapter(backbone.unet, lora, s.adapter_config())
 
 
 def _invert_supports(backbone: Any, images: torch.Tensor, cond: torch.Tensor, empty: torch.Tensor,
@@ -220,8 +301,10 @@ def _invert_supports(backbone: Any, images: torch.Tensor, cond: torch.Tensor, em
 def save_tint_artifact(path: str | Path, backbone: Any, *, class_name: str, token: str,
                        prompt: str, embedding: torch.Tensor, z_T: torch.Tensor,
                        uncond: torch.Tensor, guidance: float, dataset_resolution: int,
-                       support: torch.Tensor | None = None, extra: dict | None = None) -> Path:
-    """Write a TINT artifact: embedding [D], z_T [K,C,h,w], uncond [K,T,L,D], timesteps [T]."""
+                       support: torch.Tensor | None = None, extra: dict | None = None,
+                       lora: dict[str, torch.Tensor] | None = None, generator: str = NAME) -> Path:
+    """Write a TINT artifact: embedding [D], z_T [K,C,h,w], uncond [K,T,L,D], timesteps [T]
+    (+ tint-lora's adapter weights as ``lora.<name>``)."""
     num_steps = int(uncond.shape[1])
     backbone.scheduler.set_timesteps(num_steps)
     tensors = {
@@ -232,7 +315,8 @@ def save_tint_artifact(path: str | Path, backbone: Any, *, class_name: str, toke
     }
     if support is not None:
         tensors["support"] = support.detach().float().cpu()
-    meta = artifact_meta(backbone, NAME, class_name, token=token, prompt=prompt,
+    tensors.update({LORA_PREFIX + key: value for key, value in (lora or {}).items()})
+    meta = artifact_meta(backbone, generator, class_name, token=token, prompt=prompt,
                          num_steps=num_steps, guidance=guidance, support_count=int(z_T.shape[0]),
                          dataset_resolution=int(dataset_resolution), **(extra or {}))
     return save_artifact(path, tensors, meta)
@@ -289,42 +373,79 @@ def sample_images(backbone: Any, artifact: TintArtifact, draws: Sequence[ImageDr
     """Images at model resolution [B,3,M,M] in [0,1] for the given draws (no files)."""
     cond = prepare_backbone(backbone, artifact)
     guidance = artifact.meta["guidance"] if guidance is None else guidance
-    return backbone.decode_latents(sample_latents(backbone, artifact, draws, cond, guidance))
+    with adapter_of(backbone, artifact):
+        latents = sample_latents(backbone, artifact, draws, cond, guidance)
+    return backbone.decode_latents(latents)
 
 
 def generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: str | Path,
              seed: int = 0, settings: GenerateSettings | dict | None = None) -> list[Path]:
     """Make images 0..n_images-1 of the artifact's class that are not already done."""
+    return _generate(backbone, artifact_path, n_images, out_dir, seed, settings, NAME)
+
+
+def generate_lora(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: str | Path,
+                  seed: int = 0, settings: GenerateSettings | dict | None = None) -> list[Path]:
+    """tint-lora: Algorithm 2 with the class's UNet adapters attached."""
+    return _generate(backbone, artifact_path, n_images, out_dir, seed, settings, LORA_NAME)
+
+
+def _generate(backbone: Any, artifact_path: str | Path, n_images: int, out_dir: str | Path,
+              seed: int, settings: GenerateSettings | dict | None, generator: str) -> list[Path]:
     s = settings_from(GenerateSettings, settings)
     check_count(n_images)
-    artifact = load_tint_artifact(artifact_path)
+    artifact = load_tint_artifact(artifact_path, generator)
     out_dir = Path(out_dir)
     class_name = artifact.class_name
     resolution = s.resolution or int(artifact.meta["dataset_resolution"])
     guidance = artifact.meta["guidance"] if s.guidance is None else s.guidance
-    _check_same_run(out_dir, class_name, seed, s)
+    _check_same_run(out_dir, class_name, seed, s, generator)
     todo = missing_indices(out_dir, class_name, n_images)
     if todo:
         cond = prepare_backbone(backbone, artifact)
-        for batch in batches(todo, s.batch_size, f"generate {class_name}", s.progress):
-            draws = [draw_image(seed, class_name, i, artifact.num_supports, backbone.latent_shape, s)
-                     for i in batch]
-            latents = sample_latents(backbone, artifact, draws, cond, guidance)
-            images = ResolutionBridge.to_dataset(backbone.decode_latents(latents), resolution)
-            rows = [{"k": d.k, "alpha": d.alpha, "seed": seed, "image_seed": d.seed,
-                     "generator": NAME} for d in draws]
-            write_generated(out_dir, class_name, batch, images, rows)
+        with adapter_of(backbone, artifact):
+            for batch in batches(todo, s.batch_size, f"generate {class_name}", s.progress):
+                draws = [draw_image(seed, class_name, i, artifact.num_supports,
+                                    backbone.latent_shape, s) for i in batch]
+                latents = sample_latents(backbone, artifact, draws, cond, guidance)
+                images = ResolutionBridge.to_dataset(backbone.decode_latents(latents), resolution)
+                rows = [{"k": d.k, "alpha": d.alpha, "seed": seed, "image_seed": d.seed,
+                         "generator": generator} for d in draws]
+                write_generated(out_dir, class_name, batch, images, rows)
     return manifest_paths(out_dir, class_name, n_images)
 
 
-def _check_same_run(out_dir: Path, class_name: str, seed: int, s: GenerateSettings) -> None:
+def _check_same_run(out_dir: Path, class_name: str, seed: int, s: GenerateSettings,
+                    generator: str = NAME) -> None:
     """Resuming must not mix images of another seed or alpha setting into one folder."""
     for row in read_manifest(out_dir):
         if row.get("class") != class_name:
             continue
         lo, hi = s.alpha_range if s.alpha_range is not None else (s.alpha, s.alpha)
-        if row.get("seed") != seed or row.get("generator") != NAME or not lo <= row["alpha"] <= hi:
+        if (row.get("seed") != seed or row.get("generator") != generator
+                or not lo <= row["alpha"] <= hi):
             raise TintError(f"{out_dir}: holds {class_name!r} images made with generator "
                             f"{row.get('generator')!r}, seed {row.get('seed')}, alpha "
-                            f"{row.get('alpha')}; this run asks for {NAME!r}, seed {seed}, "
+                            f"{row.get('alpha')}; this run asks for {generator!r}, seed {seed}, "
                             f"alpha {[lo, hi]}: choose another output folder")
+
+
+# ---------------------------------------------------------------------------------------------
+# tint-lora: the generator contract of the variant (registered as "tint-lora")
+
+
+@dataclass(frozen=True)
+class GeneratorVariant:
+    """A second generator name served by this module (tint.generators.base.Generator)."""
+
+    NAME: str
+    SpecializeSettings: type
+    GenerateSettings: type
+    REQUIRED_TENSORS: tuple[str, ...]
+    MAY_RETURN_FEWER: bool
+    specialize: Callable[..., Path]
+    generate: Callable[..., list[Path]]
+
+
+TINT_LORA = GeneratorVariant(LORA_NAME, LoraSpecializeSettings, GenerateSettings,
+                             REQUIRED_TENSORS, MAY_RETURN_FEWER, specialize_lora, generate_lora)
