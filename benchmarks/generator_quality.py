@@ -13,6 +13,8 @@
     one row per alpha.
 
 Outputs: results.json, results.md, prompts_grid.png, novel_grid.png in --out.
+`--method tint-lora` measures (b)/(c) with tint-lora (UNet adapters on the supports, issue 14)
+instead of TINT; `--skip-prompts` skips (a), which does not depend on the method.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/generator_quality.py \\
         --generator tint/assets/generator --out docs/results/generator_quality
@@ -122,26 +124,25 @@ def prompt_recognisability(backbone, dataset, features, args) -> dict:
 # (b) + (c) TINT on novel classes
 def novel_specialisation(backbone, dataset, features, args) -> dict:
     from tint.data.episodes import sample_episodes
-    from tint.generators.tint import (
-        GenerateSettings,
-        SpecializeSettings,
-        draw_image,
-        load_tint_artifact,
-        sample_images,
-        specialize,
-    )
+    from tint.generators import create_generator
+    from tint.generators.tint import GenerateSettings, draw_image, load_tint_artifact, sample_images
+
+    method = create_generator(args.method)
+    extra = {"lora_steps": args.lora_steps, "lora_lr": args.lora_lr} if args.method == "tint-lora" else {}
 
     episode = sample_episodes(dataset, "novel", n_way=args.n_way, k_shot=args.k_shot,
                               n_query=None, n_episodes=1, seed=args.seed)[0]
     n = len(episode.classes)
     query_feats = [embed(features, dataset.load_tensor(q)) for q in episode.query]
     protos = prototypes(query_feats)
-    settings = SpecializeSettings(ti_steps=args.ti_steps, num_steps=args.steps,
-                                  guidance=args.tint_guidance, progress=True, seed=args.seed)
+    settings = method.SpecializeSettings(ti_steps=args.ti_steps, num_steps=args.steps,
+                                         guidance=args.tint_guidance, progress=True,
+                                         seed=args.seed, **extra)
     result = {"classes": episode.classes, "chance": 1 / n, "k_shot": args.k_shot,
-              "queries_per_class": [len(q) for q in episode.query],
+              "method": args.method, "queries_per_class": [len(q) for q in episode.query],
               "settings": {"ti_steps": args.ti_steps, "ddim_steps": args.steps,
-                           "guidance": args.tint_guidance, "images_per_alpha": args.per_alpha},
+                           "guidance": args.tint_guidance, "images_per_alpha": args.per_alpha,
+                           **extra},
               "specialise_seconds": [], "by_alpha": {}}
     supports = [dataset.load_tensor(s) for s in episode.support]
     support_feats = torch.cat([embed(features, s) for s in supports])
@@ -151,9 +152,9 @@ def novel_specialisation(backbone, dataset, features, args) -> dict:
     with tempfile.TemporaryDirectory(prefix="tint_gq_") as tmp:
         for name, support in zip(episode.classes, supports, strict=True):
             start = time.time()
-            path = specialize(backbone, name, support, tmp, settings)
+            path = method.specialize(backbone, name, support, tmp, settings)
             result["specialise_seconds"].append(round(time.time() - start, 1))
-            artifact = load_tint_artifact(path)
+            artifact = load_tint_artifact(path, method.NAME)
             for alpha in ALPHAS:
                 gs = GenerateSettings(alpha=alpha)
                 draws = [draw_image(args.seed, name, i, artifact.num_supports,
@@ -193,7 +194,7 @@ def save_grid(path: Path, rows: list[torch.Tensor], pad: int = 2) -> None:
 
 # --------------------------------------------------------------------------------------
 def markdown(res: dict) -> str:
-    a, b = res["prompts"], res.get("novel")
+    a, b = res.get("prompts"), res.get("novel")
     lines = [
         "# Generator quality (issue 4, part 4)",
         "",
@@ -201,6 +202,16 @@ def markdown(res: dict) -> str:
         f"Features: ImageNet EfficientNet-Lite0 at {res['feature_size']} px, cosine ProtoNet. "
         f"Threads: {res['threads']}; wall time {res['wall_s']:.0f} s; {res['hardware']}.",
         "",
+    ]
+    if a:
+        lines += _prompts_markdown(a, res)
+    if b:
+        lines += _novel_markdown(b)
+    return "\n".join(lines)
+
+
+def _prompts_markdown(a: dict, res: dict) -> list[str]:
+    lines = [
         "## (a) Prompt recognisability (base classes, pretrained on)",
         "",
         f"{len(a['classes'])} classes, chance {a['chance']:.3f}; prototypes from real images; "
@@ -212,26 +223,31 @@ def markdown(res: dict) -> str:
     ]
     for g, v in a["by_guidance"].items():
         lines.append(f"| samples, CFG {g} | {v['accuracy']:.3f} | {v['ratio_to_real']:.2f} |")
-    lines += ["", "Target: samples reach at least half the real accuracy (ratio >= 0.5).", ""]
-    if b:
-        lines += [
-            "## (b) TINT on novel classes (never seen in pretraining)",
-            "",
-            f"{len(b['classes'])}-way {b['k_shot']}-shot episode: {', '.join(b['classes'])}. "
-            f"Prototypes = held-out real images (queries); chance {b['chance']:.2f}. "
-            f"TI {b['settings']['ti_steps']} steps, NTI + generation with "
-            f"{b['settings']['ddim_steps']} DDIM steps, CFG {b['settings']['guidance']}, "
-            f"{b['settings']['images_per_alpha']} images per class and alpha.",
-            "",
-            "| images | nearest-prototype accuracy |",
-            "| --- | --- |",
-            f"| the support images themselves (reference) | {b['support_images_accuracy']:.3f} |",
-        ]
-        for alpha, v in b["by_alpha"].items():
-            lines.append(f"| generated, alpha {alpha} | {v['accuracy']:.3f} |")
-        lines += ["", "(c) `novel_grid.png`: per class the supports, then one row per alpha "
-                  "(0, 0.25, 0.5, 0.75, 1). `prompts_grid.png`: one row per base class.", ""]
-    return "\n".join(lines)
+    return lines + ["", "Target: samples reach at least half the real accuracy (ratio >= 0.5).", ""]
+
+
+def _novel_markdown(b: dict) -> list[str]:
+    method = b.get("method", "tint")
+    setting = b["settings"]
+    adapters = (f" LoRA adapters: {setting['lora_steps']} steps at lr {setting['lora_lr']}."
+                if method == "tint-lora" else "")
+    header = [
+        f"## (b) {method} on novel classes (never seen in pretraining)",
+        "",
+        f"{len(b['classes'])}-way {b['k_shot']}-shot episode: {', '.join(b['classes'])}. "
+        f"Prototypes = held-out real images (queries); chance {b['chance']:.2f}. "
+        f"TI {setting['ti_steps']} steps, NTI + generation with {setting['ddim_steps']} DDIM "
+        f"steps, CFG {setting['guidance']}, {setting['images_per_alpha']} images per class "
+        f"and alpha.{adapters}",
+        "",
+        "| images | nearest-prototype accuracy |",
+        "| --- | --- |",
+        f"| the support images themselves (reference) | {b['support_images_accuracy']:.3f} |",
+    ]
+    rows = [f"| generated, alpha {alpha} | {v['accuracy']:.3f} |" for alpha, v in b["by_alpha"].items()]
+    footer = ["", "(c) `novel_grid.png`: per class the supports, then one row per alpha "
+              "(0, 0.25, 0.5, 0.75, 1). `prompts_grid.png`: one row per base class.", ""]
+    return header + rows + footer
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -252,6 +268,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tint-guidance", type=float, default=7.5)
     p.add_argument("--per-alpha", type=int, default=20)
     p.add_argument("--skip-novel", action="store_true")
+    p.add_argument("--skip-prompts", action="store_true", help="skip (a): it does not depend on --method")
+    p.add_argument("--method", choices=["tint", "tint-lora"], default="tint",
+                   help="the generator measured in (b)/(c)")
+    p.add_argument("--lora-steps", type=int, default=100)
+    p.add_argument("--lora-lr", type=float, default=1e-4)
     return p.parse_args(argv)
 
 
@@ -273,8 +294,9 @@ def main(argv=None) -> int:
            "feature_size": args.feature_size, "threads": args.threads, "steps": args.steps,
            "hardware": f"{platform.machine()} CPU, torch {torch.__version__}",
            "argv": sys.argv[1:] if argv is None else argv}
-    res["prompts"] = prompt_recognisability(backbone, dataset, features, args)
-    write_json(args.out / "results.json", res)
+    if not args.skip_prompts:
+        res["prompts"] = prompt_recognisability(backbone, dataset, features, args)
+        write_json(args.out / "results.json", res)
     if not args.skip_novel:
         res["novel"] = novel_specialisation(backbone, dataset, features, args)
     res["wall_s"] = time.time() - start
