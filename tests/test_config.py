@@ -93,6 +93,16 @@ def test_set_overrides_nested_keys_lists_and_free_form_settings():
     assert config.distill.sources == ("base", "support")
 
 
+
+def test_an_emptied_free_form_mapping_stays_empty_under_later_overrides():
+    # --set executor.gpus={} then another executor key: the stage map must not come back
+    data: dict = {}
+    for assignment in ("executor.gpus={}", "executor.name=local", "executor.gpus.distill=0.5"):
+        data = apply_override(data, assignment)
+    assert data["executor"]["gpus"] == {"distill": 0.5}
+    assert config_from_dict(apply_override({}, "executor.gpus.distill=0.5")).executor.gpus[
+        "specialize"] == 1  # a plain override keeps the other stages' defaults
+
 @pytest.mark.parametrize(
     ("assignment", "message"),
     [

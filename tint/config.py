@@ -300,7 +300,7 @@ def apply_override(data: dict, assignment: str) -> dict:
         value = yaml.safe_load(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    merged = _merge(config_to_dict(RunConfig()), data)
+    merged = _merge(config_to_dict(RunConfig()), data, RunConfig)
     node: Any = merged
     cls: Any = RunConfig
     for depth, part in enumerate(parts):
@@ -331,14 +331,26 @@ def apply_override(data: dict, assignment: str) -> dict:
     raise AssertionError("unreachable")
 
 
-def _merge(defaults: Any, data: Any) -> Any:
-    """`data` over `defaults`: mappings merge key by key, everything else replaces."""
-    if isinstance(defaults, dict) and isinstance(data, dict):
+def _merge(defaults: Any, data: Any, cls: Any) -> Any:
+    """`data` over `defaults`: a typed section (a settings dataclass) merges field by field;
+    a free-form mapping (``executor.gpus``, ``generator.specialize``), a list or a value in
+    `data` replaces the default whole, so ``--set executor.gpus={}`` stays empty."""
+    if dataclasses.is_dataclass(cls) and isinstance(defaults, dict) and isinstance(data, dict):
+        hints = typing.get_type_hints(cls)
         out = dict(defaults)
         for key, value in data.items():
-            out[key] = _merge(defaults.get(key), value) if key in defaults else value
+            out[key] = (_merge(defaults[key], value, _section_type(hints.get(key)))
+                        if key in defaults else value)
         return out
     return data
+
+
+def _section_type(hint: Any) -> Any:
+    """The settings dataclass a field holds (through `X | None`), else None."""
+    for candidate in (hint, *typing.get_args(hint)):
+        if dataclasses.is_dataclass(candidate):
+            return candidate
+    return None
 
 
 def _item_type(cls: Any) -> Any:
