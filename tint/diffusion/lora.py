@@ -22,11 +22,7 @@ from tqdm.auto import tqdm
 
 from tint.devices import autocast, grad_scaler
 from tint.diffusion.ddim import frozen_parameters, unet_output
-from tint.diffusion.textual_inversion import (
-    diffusion_target,
-    sample_training_noise,
-    sample_training_timesteps,
-)
+from tint.diffusion.textual_inversion import diffusion_target, sample_training_batch
 from tint.errors import TintError
 
 ADAPTER = "tint-class"  # the one adapter name a class ever uses on a shared backbone
@@ -135,10 +131,8 @@ def _train(backbone, latents, text, generator, optimizer, config, t_max, progres
     losses: list[float] = []
     for step in tqdm(range(config.steps), desc="LoRA", disable=not progress, leave=False):
         optimizer.zero_grad(set_to_none=True)
-        picks = torch.randint(latents.shape[0], (config.batch_size,), generator=generator)
-        z0 = latents[picks.to(latents.device)]
-        t = sample_training_timesteps(generator, config.batch_size, config.t_min, t_max)
-        noise = sample_training_noise(generator, tuple(z0.shape)).to(z0.device)
+        z0, t, noise = sample_training_batch(latents, generator, config.batch_size,
+                                             config.t_min, t_max)
         with autocast(backbone.device, backbone.precision):
             noisy, target = diffusion_target(backbone, z0, noise, t)
             pred = unet_output(backbone, noisy, t, text.expand(z0.shape[0], -1, -1))

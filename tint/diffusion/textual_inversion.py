@@ -256,12 +256,20 @@ def _train(backbone, layer, latents, input_ids, generator, optimizer, config, t_
 
 
 def _batch_loss(backbone, latents, input_ids, generator, config, t_min, t_max) -> torch.Tensor:
-    """Eq. 1 on one random batch: support images with replacement, t in [t_min, t_max)."""
-    picks = torch.randint(latents.shape[0], (config.batch_size,), generator=generator)
-    z0 = latents[picks.to(latents.device)]
-    t = sample_training_timesteps(generator, config.batch_size, t_min, t_max)
-    noise = sample_training_noise(generator, tuple(z0.shape)).to(z0.device)
+    """Eq. 1 on one random batch (`sample_training_batch`)."""
+    z0, t, noise = sample_training_batch(latents, generator, config.batch_size, t_min, t_max)
     return denoising_loss(backbone, z0, t, noise, input_ids)
+
+
+def sample_training_batch(latents: torch.Tensor, generator: torch.Generator, batch_size: int,
+                          t_min: int, t_max: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(z0, t, noise) for Eq. 1: support latents with replacement, t in [t_min, t_max), noise;
+    always drawn in this order from `generator` (TI and the LoRA adapters train on it)."""
+    picks = torch.randint(latents.shape[0], (batch_size,), generator=generator)
+    z0 = latents[picks.to(latents.device)]
+    t = sample_training_timesteps(generator, batch_size, t_min, t_max)
+    noise = sample_training_noise(generator, tuple(z0.shape)).to(z0.device)
+    return z0, t, noise
 
 
 def denoising_loss(backbone, z0, t, noise, input_ids) -> torch.Tensor:

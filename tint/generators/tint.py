@@ -191,11 +191,18 @@ def load_tint_artifact(path: str | Path, generator: str = NAME) -> TintArtifact:
 
 def adapter_of(backbone: Any, artifact: TintArtifact) -> AbstractContextManager:
     """The backbone with the artifact's UNet adapters attached (tint-lora), else unchanged."""
-    if not artifact.lora:
+    return with_adapters(backbone, artifact.lora, artifact.meta.get("lora"))
+
+
+def with_adapters(backbone: Any, lora: dict[str, torch.Tensor],
+                  settings: dict | None) -> AbstractContextManager:
+    """`lora` (adapter weights) attached to the backbone's UNet while inside; nothing without
+    weights. `settings` is the artifact's ``lora`` metadata: rank, alpha, targets."""
+    if not lora:
         return nullcontext()
     from tint.diffusion.lora import AdapterConfig, class_adapter
 
-    return class_adapter(backbone.unet, artifact.lora, AdapterConfig(**artifact.meta["lora"]))
+    return class_adapter(backbone.unet, lora, AdapterConfig(**settings))
 
 
 def check_backbone_matches(backbone: Any, artifact: TintArtifact) -> None:
@@ -247,7 +254,7 @@ def _specialize(backbone: Any, class_name: str, support: torch.Tensor, out_dir: 
                                 inner_steps=s.nti_inner_steps, lr=s.nti_lr, schedule=s.nti_schedule)
     empty = backbone.encode_prompt([""])
     z_T, uncond = [], []
-    with _adapters_attached(backbone, lora, s):
+    with with_adapters(backbone, lora, extra.get("lora")):
         for result in _invert_supports(backbone, images, cond, empty, nti_config, s, class_name):
             z_T.append(result.z_T.reshape(backbone.latent_shape).float().cpu())
             uncond.append(result.uncond_embeddings.float().cpu())
@@ -274,15 +281,6 @@ def _train_adapters(backbone: Any, images: torch.Tensor, prompt: str,
     tensors, losses = train_class_adapter(backbone, images, prompt, config, progress=s.progress)
     meta = {"rank": config.rank, "alpha": config.alpha, "targets": list(config.targets)}
     return tensors, {"lora": meta, "lora_first_loss": losses[0], "lora_final_loss": losses[-1]}
-
-
-def _adapters_attached(backbone: Any, lora: dict[str, torch.Tensor],
-                       s: SpecializeSettings) -> AbstractContextManager:
-    if not lora:
-        return nullcontext()
-    from tint.diffusion.lora import class_adapter
-
-    return class_adapter(backbone.unet, lora, s.adapter_config())
 
 
 def _invert_supports(backbone: Any, images: torch.Tensor, cond: torch.Tensor, empty: torch.Tensor,
