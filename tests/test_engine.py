@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tint.engine import DONE, run_stage
+from tint.engine import DONE, run_stage, weights_fingerprint
 from tint.errors import TintError
 from tint.io import DamagedFileError, load_tensors, save_tensors
 
@@ -133,3 +133,29 @@ def test_a_manifest_may_only_name_files_in_its_own_folder(tmp_path):
     (folder / MANIFEST_NAME).write_text(json.dumps({"class": "a", "index": 0, "file": "../outside.png"}) + "\n")
     with pytest.raises(TintError, match="outside"):
         manifest_paths(folder, "a")
+
+
+def _model_folder(folder: Path, weights: torch.Tensor) -> Path:
+    (folder / "unet").mkdir(parents=True)
+    (folder / "unet" / "config.json").write_text('{"sample_size": 16}')
+    save_tensors(folder / "unet" / "diffusion_pytorch_model.safetensors", {"w": weights})
+    return folder
+
+
+def test_weights_fingerprint_sees_retrained_weights_of_the_same_size(tmp_path: Path) -> None:
+    """Re-trained weights have the same configs and file sizes: their key must differ
+    (sizes alone let a swapped generator reuse the old generator's artifacts)."""
+    old = _model_folder(tmp_path / "old", torch.zeros(64))
+    new = _model_folder(tmp_path / "new", torch.ones(64))
+    copy = _model_folder(tmp_path / "copy", torch.zeros(64))
+    sizes = [(p / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size for p in (old, new)]
+    assert sizes[0] == sizes[1]
+    assert weights_fingerprint(old) != weights_fingerprint(new)
+    assert weights_fingerprint(old) == weights_fingerprint(copy)  # content, not location
+
+
+def test_weights_fingerprint_follows_a_file_rewritten_in_place(tmp_path: Path) -> None:
+    folder = _model_folder(tmp_path / "gen", torch.zeros(64))
+    before = weights_fingerprint(folder)
+    save_tensors(folder / "unet" / "diffusion_pytorch_model.safetensors", {"w": torch.full((64,), 2.0)})
+    assert weights_fingerprint(folder) != before

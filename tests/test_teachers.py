@@ -15,6 +15,7 @@ from tint.teachers.protonet import (
     ProtoNetTeacher,
     TensorEpisodeSampler,
     episode_loss,
+    local_backbone_fingerprint,
     meta_train,
 )
 from tint.teachers.pseudo_labels import pseudo_label
@@ -168,6 +169,16 @@ def test_teacher_weights_round_trip_and_vit_loads_from_a_folder(tmp_path):
                            weights=tmp_path / "teacher.safetensors")
     assert float(other.scale.detach()) == 7.0
     assert all(torch.equal(teacher.state_dict()[k], v) for k, v in other.state_dict().items())
+
+
+def test_a_resaved_vit_folder_gets_a_new_teacher_key(tmp_path):
+    """A `vit:<folder>` teacher is keyed by the folder's content: weights re-saved under the
+    same path must not reuse the teacher meta-trained on the old ones."""
+    build_tiny_vit(seed=3, image_size=RES).network.save_pretrained(tmp_path / "vit")
+    before = local_backbone_fingerprint(f"vit:{tmp_path / 'vit'}")
+    build_tiny_vit(seed=4, image_size=RES).network.save_pretrained(tmp_path / "vit")
+    assert before is not None and local_backbone_fingerprint(f"vit:{tmp_path / 'vit'}") != before
+    assert local_backbone_fingerprint("efficientnet-lite0") is None  # named: the name is the key
 
 
 def test_missing_dino_weights_and_unknown_names_are_clear_errors():

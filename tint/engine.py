@@ -96,6 +96,34 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".onnx")
+_FILE_DIGESTS: dict[tuple[str, int, int, int], str] = {}
+
+
+def cached_file_sha256(path: Path) -> str:
+    """file_sha256, remembered per (path, inode, size, mtime) for the life of the process:
+    a Stable Diffusion folder (~5 GB) is hashed once per process, in seconds."""
+    stat = path.stat()
+    memo = (str(path.resolve()), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if memo not in _FILE_DIGESTS:
+        _FILE_DIGESTS[memo] = file_sha256(path)
+    return _FILE_DIGESTS[memo]
+
+
+def weights_fingerprint(folder: Path) -> str:
+    """The identity of a local model folder by content (its JSON configs and the bytes of
+    its weight files), independent of where it lies: re-trained weights of the same shape
+    and size get a new key, a copied folder keeps its key."""
+    parts = []
+    for path in sorted(folder.rglob("*")):
+        name = str(path.relative_to(folder))
+        if path.suffix == ".json":
+            parts.append((name, path.read_text()))
+        elif path.suffix in WEIGHT_SUFFIXES:
+            parts.append((name, cached_file_sha256(path)))
+    return stable_hash(parts)
+
+
 def stage_files(folder: Path) -> list[Path]:
     """The files a stage owns: everything in its folder but the marker, locks and temp
     files, not descending into sub-folders that are stages of their own."""

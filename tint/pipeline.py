@@ -49,6 +49,7 @@ from tint.engine import (
     seed_everything,
     stable_hash,
     stage_seed,
+    weights_fingerprint,
 )
 from tint.errors import TintError
 from tint.io import set_threads, write_json
@@ -490,20 +491,14 @@ def generator_settings(config: RunConfig) -> tuple[Any, Any]:
 
 
 def backbone_fingerprint(spec: str) -> str | None:
-    """A cheap identity of a local generator's weights (its config files and weight-file
-    sizes), so that re-exported weights under the same name never reuse old artifacts."""
+    """The content identity of a local generator (tint.engine.weights_fingerprint), so
+    that re-trained weights under the same name never reuse old artifacts."""
     from tint.diffusion.backbone import EMBEDDED_GENERATOR, EMBEDDED_GENERATOR_DIR
 
     folder = EMBEDDED_GENERATOR_DIR if spec == EMBEDDED_GENERATOR else Path(spec).expanduser()
     if not folder.is_dir():
         return None  # "tiny" (seeded), or a hub id
-    parts = []
-    for path in sorted(folder.rglob("*")):
-        if path.suffix == ".json":
-            parts.append((str(path.relative_to(folder)), path.read_text()))
-        elif path.suffix in (".safetensors", ".bin", ".pt", ".ckpt"):
-            parts.append((str(path.relative_to(folder)), path.stat().st_size))
-    return stable_hash(parts)
+    return weights_fingerprint(folder)
 
 
 def has_synthetic(ctx: RunContext) -> bool:
@@ -523,7 +518,8 @@ def specialization_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
         from tint.generators.base import settings_key
 
         spec_settings, _ = generator_settings(ctx.config)
-        return {"name": gen.name, "backbone": gen.backbone, "weights": backbone_fingerprint(gen.backbone),
+        weights = backbone_fingerprint(gen.backbone)  # a local folder: its content, wherever it lies
+        return {"name": gen.name, **({"weights": weights} if weights else {"backbone": gen.backbone}),
                 "specialize": settings_key(spec_settings),
                 "resolution": ctx.config.data.resolution}
 

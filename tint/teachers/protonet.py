@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from tint.engine import weights_fingerprint
 from tint.errors import TintError
 from tint.io import load_tensors, save_tensors
 from tint.students.distill import (
@@ -340,9 +341,20 @@ def meta_train(teacher: ProtoNetTeacher, base_sampler: EpisodeSampler, epochs: i
 def run_key(run) -> dict:
     """Everything the meta-trained teacher depends on (`run`: a recipes.TeacherInputs)."""
     cfg = run.config
-    return {"name": cfg.name, "dataset": run.dataset_spec, "resolution": run.resolution,
-            "base_split": run.base_split, "settings": run.settings_key,
-            "backbone": cfg.backbone, "meta_train": asdict(cfg.meta_train)}
+    key = {"name": cfg.name, "dataset": run.dataset_spec, "resolution": run.resolution,
+           "base_split": run.base_split, "settings": run.settings_key,
+           "backbone": cfg.backbone, "meta_train": asdict(cfg.meta_train)}
+    weights = local_backbone_fingerprint(cfg.backbone)
+    return key if weights is None else {**key, "backbone_weights": weights}
+
+
+def local_backbone_fingerprint(backbone: str) -> str | None:
+    """Content identity of a `vit:<folder>` backbone (re-saved weights get a new teacher);
+    None for the embedded and hub backbones, whose names identify them."""
+    if not backbone.startswith("vit:"):
+        return None
+    folder = Path(backbone[len("vit:"):]).expanduser()
+    return weights_fingerprint(folder) if folder.is_dir() else None
 
 
 def train_for_run(run, folder: Path) -> dict:
