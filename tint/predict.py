@@ -6,14 +6,12 @@ calling ``tint predict`` from a script costs well under a second of start-up
 beside the model: class names in output order, the input side, how images are fitted
 to the square, whether transparent margins are cropped, and the value range.
 
-Preprocessing reproduces `tint.data.images.load_image` + `to_tensor` (the training
-path) with PIL and numpy only: decode fully (truncated files fail here), apply the EXIF
-orientation, convert any mode to RGB (16-bit and float grey scaled to 8 bits,
-transparency composited over white, optionally after cropping to the visible pixels),
-fit to ``size x size`` (``crop``: short side to size then centre crop; ``pad``: long side
-to size on white; ``stretch``), bicubic, then float32 ``[3, H, W]`` in ``[0, 1]``. The
-ImageNet mean/std normalisation is inside the exported model. ``tests/test_predict.py``
-checks that the two paths give the same arrays.
+Preprocessing is the training path's: `tint.imaging` (PIL and numpy only, shared with
+`tint.data.images`) decodes fully (truncated files fail here), applies the EXIF orientation,
+converts any mode to RGB and fits to ``size x size`` (``crop``, ``pad`` or ``stretch``,
+bicubic); then float32 ``[3, H, W]`` in ``[0, 1]``. The ImageNet mean/std normalisation is
+inside the exported model. ``tests/test_predict.py`` checks that the two paths give the same
+arrays.
 
 Errors: a missing/unreadable/corrupt image is a `TintError` naming the file. The command
 reports it on stderr (one line), skips it, prints every other result and exits with 1;
@@ -27,21 +25,19 @@ import csv
 import io
 import json
 import sys
-import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from tint.errors import TintError
+from tint.imaging import FITS, fit_square, open_image, to_rgb
 
 LABELS_FILE = "labels.json"
 LABELS_FORMAT = "tint-labels/1"
-FITS = ("crop", "pad", "stretch")
-RESAMPLE = Image.Resampling.BICUBIC
 # The suffixes `tint.data.formats` scans in class folders; directories are walked for these.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 FORMATS = ("table", "csv", "json")
@@ -121,81 +117,6 @@ def read_model_spec(model_dir: str | Path) -> ModelSpec:
 
 
 # ----------------------------------------------------------------------------- images
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file; every failure is a TintError naming it."""
-    path = Path(path)
-    if not path.exists():
-        raise TintError(f"{path}: image file not found")
-    if not path.is_file():
-        raise TintError(f"{path}: not a file (expected an image)")
-    if path.stat().st_size == 0:
-        raise TintError(f"{path}: empty file (0 bytes)")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()
-                img = ImageOps.exif_transpose(img) or img
-                img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise TintError(f"{path}: image too large ({err}); downscale it") from err
-    except UnidentifiedImageError as err:
-        raise TintError(f"{path}: not an image PIL can read (wrong extension or corrupt)") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise TintError(f"{path}: unreadable or corrupt image ({err})") from err
-    if img.width == 0 or img.height == 0:
-        raise TintError(f"{path}: zero-size image ({img.width}x{img.height})")
-    return img
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16/32-bit integer and float grey -> 8-bit 'L', scaled as the training path does."""
-    arr = np.asarray(img).astype(np.float64)
-    if img.mode == "F":
-        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
-    else:
-        scale = 1.0 / 257.0 if arr.max(initial=0) > 255 else 1.0
-    return Image.fromarray(np.clip(arr * scale, 0, 255).round().astype(np.uint8), "L")
-
-
-def to_rgb(img: Image.Image, crop_alpha: bool = False) -> Image.Image:
-    """Any mode -> RGB; transparency over white (after cropping to visible pixels if asked)."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        img = _to_8bit(img)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode in ("P", "L", "RGB") and "transparency" in img.info)
-    if not has_alpha:
-        return img.convert("RGB")
-    img = img.convert("RGBA")
-    if crop_alpha:
-        box = img.getchannel("A").point(lambda a: 255 if a > 8 else 0).getbbox()
-        if box is not None:
-            img = img.crop(box)
-    canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    canvas.alpha_composite(img)
-    return canvas.convert("RGB")
-
-
-def fit_square(img: Image.Image, size: int, fit: str = "crop") -> Image.Image:
-    """RGB image -> size x size, exactly as training resized it."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    if fit == "stretch":
-        return img.resize((size, size), RESAMPLE)
-    if fit == "crop":
-        scale = size / min(w, h)
-        nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-        img = img.resize((nw, nh), RESAMPLE)
-        left, top = (nw - size) // 2, (nh - size) // 2
-        return img.crop((left, top, left + size, top + size))
-    scale = size / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = Image.new("RGB", (size, size), (255, 255, 255))
-    canvas.paste(img.resize((nw, nh), RESAMPLE), ((size - nw) // 2, (size - nh) // 2))
-    return canvas
 
 
 def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:

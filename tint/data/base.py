@@ -14,8 +14,9 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from tint.data.images import FITS, load_image, split_ref, to_tensor
+from tint.data.images import load_image, split_ref, to_tensor
 from tint.errors import TintError
+from tint.imaging import FITS
 
 SPLITS = ("base", "val", "novel")
 

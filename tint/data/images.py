@@ -1,18 +1,10 @@
-"""Image loading: any file a user may have -> an RGB PIL image at the dataset resolution.
+"""Image loading: any file a user may have -> an RGB PIL image at the dataset resolution,
+and PIL <-> tensor conversions.
 
-Every failure becomes a `TintError` naming the file: missing, unreadable, not an image,
-truncated/corrupt, zero-size, or so large it trips PIL's decompression-bomb limit
-(`Image.MAX_IMAGE_PIXELS`; PIL only *warns* between 1x and 2x the limit, we refuse both).
-
-Colour handling: grayscale, 16-bit, CMYK, palette -> RGB; anything with transparency
-(RGBA, LA, palette with a transparent index) is composited over white, optionally after
-cropping to the visible pixels (clip-art objects are often small on large canvases).
-
-Resizing to a square `resolution` (`fit`):
-- ``"crop"`` (default, photos): scale the short side to `resolution`, centre-crop;
-- ``"pad"`` (clip-art): scale the long side to `resolution`, pad with white, so a long
-  object (a boat, a sword) is never cut;
-- ``"stretch"``: resize both sides, ignoring aspect ratio.
+Decoding, colour handling and squaring (`fit`: "crop" for photos, "pad" for clip-art, so
+a long object is never cut, "stretch") live in `tint.imaging` (PIL and numpy only), which
+`tint predict` shares, so training and prediction see the same pixels; every failure is a
+`TintError` naming the file.
 
 Item references ``"<file>#<index>"`` name one image inside an array file (Fashion-MNIST
 idx, CIFAR python pickle, read safely by `tint.data.arrays`).
@@ -21,22 +13,20 @@ idx, CIFAR python pickle, read safely by `tint.data.arrays`).
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, ImageStat, UnidentifiedImageError
+from PIL import Image, ImageStat
 
 from tint.errors import TintError
+from tint.imaging import fit_square, open_image, to_rgb
 from tint.io import atomic_path
 
-FITS = ("crop", "pad", "stretch")
 NEARLY_CONSTANT_STD = 1.0  # pixel std below one grey level (1/255 of the range): warn
 LOGGER = logging.getLogger("tint")
 _WARNED: set[str] = set()  # files already warned about in this process
-RESAMPLE = Image.Resampling.BICUBIC
 
 
 def split_ref(path_or_ref: str | Path) -> tuple[Path, int | None]:
@@ -50,92 +40,6 @@ def split_ref(path_or_ref: str | Path) -> tuple[Path, int | None]:
         if index.isdigit():
             return Path(file), int(index)
     return Path(text), None
-
-
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, turning every failure into a TintError."""
-    path = Path(path)
-    if not path.exists():
-        raise TintError(f"{path}: image file not found")
-    if not path.is_file():
-        raise TintError(f"{path}: not a file (expected an image)")
-    if path.stat().st_size == 0:
-        raise TintError(f"{path}: empty file (0 bytes); delete or replace it")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
-                img.load()  # decode now: truncated files fail here, not later
-                img = ImageOps.exif_transpose(img) or img
-                img.load()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise TintError(
-            f"{path}: image too large ({err}); it trips the decompression-bomb limit "
-            f"of {Image.MAX_IMAGE_PIXELS} pixels. Downscale it or remove it"
-        ) from err
-    except UnidentifiedImageError as err:
-        raise TintError(f"{path}: not an image PIL can read (wrong extension or corrupt)") from err
-    except (OSError, SyntaxError, ValueError) as err:
-        raise TintError(f"{path}: unreadable or corrupt image ({err})") from err
-    if img.width == 0 or img.height == 0:
-        raise TintError(f"{path}: zero-size image ({img.width}x{img.height})")
-    return img
-
-
-def _to_8bit(img: Image.Image) -> Image.Image:
-    """16/32-bit integer and float grayscale -> 8-bit 'L' (PIL's own convert clips)."""
-    arr = np.asarray(img).astype(np.float64)
-    if img.mode == "F":
-        scale = 255.0 if arr.max(initial=0) <= 1.0 else 1.0
-    else:
-        scale = 1.0 / 257.0 if arr.max(initial=0) > 255 else 1.0
-    return Image.fromarray(np.clip(arr * scale, 0, 255).round().astype(np.uint8), "L")
-
-
-def visible_box(img: Image.Image) -> tuple[int, int, int, int] | None:
-    """Bounding box of pixels with alpha above a faint-shadow threshold."""
-    return img.getchannel("A").point(lambda a: 255 if a > 8 else 0).getbbox()
-
-
-def to_rgb(img: Image.Image, crop_alpha: bool = False) -> Image.Image:
-    """Any PIL mode -> RGB; transparency composited over white (after cropping, if asked)."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        img = _to_8bit(img)
-    has_alpha = img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (
-        img.mode in ("P", "L", "RGB") and "transparency" in img.info
-    )
-    if not has_alpha:
-        return img.convert("RGB")
-    img = img.convert("RGBA")
-    if crop_alpha:
-        box = visible_box(img)
-        if box is not None:
-            img = img.crop(box)
-    canvas = Image.new("RGBA", img.size, (255, 255, 255, 255))
-    canvas.alpha_composite(img)
-    return canvas.convert("RGB")
-
-
-def fit_square(img: Image.Image, resolution: int, fit: str = "crop") -> Image.Image:
-    """Resize an RGB image to resolution x resolution (see the module docstring for `fit`)."""
-    if fit not in FITS:
-        raise TintError(f"fit={fit!r}: choose one of {', '.join(FITS)}")
-    w, h = img.size
-    if (w, h) == (resolution, resolution):
-        return img
-    if fit == "stretch":
-        return img.resize((resolution, resolution), RESAMPLE)
-    if fit == "crop":
-        scale = resolution / min(w, h)
-        nw, nh = max(resolution, round(w * scale)), max(resolution, round(h * scale))
-        img = img.resize((nw, nh), RESAMPLE)
-        left, top = (nw - resolution) // 2, (nh - resolution) // 2
-        return img.crop((left, top, left + resolution, top + resolution))
-    scale = resolution / max(w, h)
-    nw, nh = max(1, round(w * scale)), max(1, round(h * scale))
-    canvas = Image.new("RGB", (resolution, resolution), (255, 255, 255))
-    canvas.paste(img.resize((nw, nh), RESAMPLE), ((resolution - nw) // 2, (resolution - nh) // 2))
-    return canvas
 
 
 def load_image(
