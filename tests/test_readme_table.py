@@ -51,6 +51,15 @@ def test_committed_results_were_measured_with_the_current_benchmark_config():
     assert all(row["episodes"] == episodes == len(row["per_episode"]) for row in rows)
 
 
+def test_committed_results_were_measured_with_the_embedded_generator():
+    """A re-trained embedded generator changes what the benchmark computes: its results
+    must be re-measured (and the fingerprint re-recorded) with it."""
+    table = _readme_table()
+    if not table.RESULTS.is_file():
+        return
+    assert table.GENERATOR_RECORD.read_text().strip() == table.embedded_generator_fingerprint()
+
+
 def test_render_shows_every_number_it_is_given():
     table = _readme_table()
     rows = [{"synthetic": "none", "model": "student", "mean": 0.5, "ci": 0.1, "episodes": 2,
