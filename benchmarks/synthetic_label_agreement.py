@@ -38,7 +38,8 @@ def generator_setting(store: Path, item: str) -> dict:
     key = marker["key"]
     spec, generate = key["specialization"], _as_dict(key["generate"])
     specialize = _as_dict(spec["specialize"])
-    setting = {"generator": spec["name"], "alpha": generate.get("alpha")}
+    # the generator's weights by their key fingerprint: a re-trained generator is another row
+    setting = {"generator": spec["name"], "weights": spec.get("weights"), "alpha": generate.get("alpha")}
     if spec["name"] == "tint-lora":
         setting.update(lora_steps=specialize.get("lora_steps"), lora_lr=specialize.get("lora_lr"))
     return setting
