@@ -221,6 +221,24 @@ class ProtoNetTeacher(nn.Module):
         feats = self.features(x, None if self._pre_finetune is not None else ids)
         return cosine_logits(feats, self._protos_or_raise(), self.scale.cpu()).softmax(dim=1)
 
+    @torch.no_grad()
+    def online(self, support: torch.Tensor, labels: torch.Tensor,
+               size: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The teacher as a function of a batch (the consistent distillation recipe):
+        prototypes of `support` and every batch at `size` px (None: the backbone's own),
+        nothing cached (each view is new), on the teacher's device. Call ``fit`` first when
+        support fine-tuning is on: the function uses the backbone as it is now."""
+        self.eval()
+        labels = labels.long()
+        protos = prototypes(self.backbone(support.to(self.device), size).float(), labels.to(self.device),
+                            int(labels.max()) + 1)
+        scale = self.scale.detach()
+
+        def probabilities(x: torch.Tensor) -> torch.Tensor:
+            return cosine_logits(self.backbone(x.to(self.device), size).float(), protos, scale).softmax(1)
+
+        return probabilities
+
     def accuracy(self, x: torch.Tensor, labels: torch.Tensor) -> float:
         """Accuracy on labelled images (the episode's queries)."""
         return float((self.predict_proba(x).argmax(1) == labels).float().mean())
