@@ -373,6 +373,7 @@ def test_consistent_recipe_labels_online_with_no_label_stages(data_root, tmp_pat
     computed: list[tuple[str, str]] = []
     again = run_pipeline(config, hooks={"*": lambda s, label: computed.append((s, label))})
     assert computed == [] and again["episodes"][0]["accuracy"] == accuracy
+    assert 0 <= accuracy["teacher-online"] <= 1 and "teacher-online" in results["models"]
     paper = config_from_dict(_small(data_root, tmp_path / "paper"))
     paper_folder = make_context(paper).store  # same episode, paper recipe: another student
     from tint.pipeline import distill_key

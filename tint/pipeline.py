@@ -853,7 +853,28 @@ def evaluation_key(ctx: RunContext, episode: EpisodeData) -> dict:
     for s, student in enumerate(ctx.config.students):
         names = [f.name for f in student_folders(ctx, episode, s)]
         students[student.name] = names[0] if len(names) == 1 else names
-    return {"teacher": teacher_key(ctx), "students": students, "episode": episode.key}
+    key = {"teacher": teacher_key(ctx), "students": students, "episode": episode.key}
+    if ctx.config.distill.consistent:  # + the online teacher's own accuracy (its size, precision)
+        key["online_teacher"] = {"size": ctx.config.distill.teacher_size, "bf16": ctx.config.distill.bf16}
+    return key
+
+
+ONLINE_TEACHER = "teacher-online"  # the consistent recipe's teacher, as the student saw it
+
+
+def online_teacher_accuracy(ctx: RunContext, episode: EpisodeData, images: torch.Tensor,
+                            labels: torch.Tensor) -> float:
+    """Query accuracy of the teacher at `distill.teacher_size` in the student's precision:
+    the teacher a consistent student learnt from (the gap to it is what distillation lost)."""
+    from tint.students.distill import teacher_probabilities
+
+    config = ctx.config.distill
+    teacher = online_teacher(ctx, episode, config.teacher_size)
+    device_config = replace(config, device=str(ctx.device))
+    predictions = torch.cat([teacher_probabilities(teacher, images[i:i + 256].to(ctx.device), device_config,
+                                                   ctx.precision).argmax(1).cpu()
+                             for i in range(0, len(images), 256)])
+    return float((predictions == labels).float().mean())
 
 
 def evaluate(ctx: RunContext, episode: EpisodeData) -> dict:
@@ -869,6 +890,8 @@ def evaluate(ctx: RunContext, episode: EpisodeData) -> dict:
         items, _ = episode.query_items()
         accuracy = {"teacher": float((model.predict_proba(images, ids=items).argmax(1).cpu() == labels)
                                      .float().mean())}
+        if ctx.config.distill.consistent:
+            accuracy[ONLINE_TEACHER] = online_teacher_accuracy(ctx, episode, images, labels)
         curves, repeats = {}, {}
         for s, student in enumerate(ctx.config.students):
             scores = []
