@@ -37,9 +37,34 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
+def step_seconds(recipe: str, bf16: bool, online, pool, soft, support, args) -> float:
+    """Median seconds of one `train_step` of `recipe` (a fresh student and optimizer)."""
     from tint.students import create_student
-    from tint.students.distill import DistillConfig, DistillSource, teacher_probabilities, train_step
+    from tint.students.distill import DistillConfig, DistillSource, train_step
+
+    labels = None if recipe == "consistent" else soft
+    sources = {"base": DistillSource(labels, images=pool), "synthetic": DistillSource(labels, images=pool),
+               "support": DistillSource(support[1], images=support[0])}
+    config = DistillConfig(recipe=recipe, batch_size=args.batch_size, iterations=10_000,
+                           channels_last=True, bf16=bf16, teacher_size=args.teacher_size)
+    student = create_student("conv4", len(soft[0]), image_size=args.resolution)
+    student = student.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.02, momentum=0.9)
+    steps = iter(range(10_000))
+    teacher = online if recipe == "consistent" else None
+    return median_seconds(lambda: train_step(student, optimizer, sources, list(sources), config,
+                                             next(steps), teacher=teacher), args.repeats)
+
+
+def teacher_seconds(online, bf16: bool, args) -> float:
+    from tint.students.distill import DistillConfig, teacher_probabilities
+
+    config = DistillConfig(bf16=bf16)
+    mixed = torch.rand(args.batch_size, 3, args.resolution, args.resolution)
+    return median_seconds(lambda: teacher_probabilities(online, mixed, config, "fp32"), args.repeats)
+
+
+def main() -> None:
     from tint.teachers.protonet import create_pmf
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -52,29 +77,16 @@ def main() -> None:
 
     torch.manual_seed(0)
     n_way, res = 5, args.resolution
-    teacher = create_pmf("efficientnet-lite0")
-    support_images, support_labels = torch.rand(25, 3, res, res), torch.arange(25) % n_way
-    online = teacher.online(support_images, support_labels, args.teacher_size)
+    support = (torch.rand(25, 3, res, res), torch.arange(25) % n_way)
+    online = create_pmf("efficientnet-lite0").online(*support, args.teacher_size)
     soft = torch.rand(500, n_way).softmax(1)
     pool = torch.rand(500, 3, res, res)
     rows = {}
     for bf16 in (False, True):
         tag = "bf16" if bf16 else "fp32"
         for recipe in ("paper", "consistent"):
-            labels = None if recipe == "consistent" else soft
-            sources = {"base": DistillSource(labels, images=pool), "synthetic": DistillSource(labels, images=pool),
-                       "support": DistillSource(support_labels, images=support_images)}
-            config = DistillConfig(recipe=recipe, batch_size=args.batch_size, iterations=10_000,
-                                   channels_last=True, bf16=bf16, teacher_size=args.teacher_size)
-            student = create_student("conv4", n_way, image_size=res).to(memory_format=torch.channels_last)
-            optimizer = torch.optim.SGD(student.parameters(), lr=0.02, momentum=0.9)
-            step = iter(range(10_000))
-            rows[f"{recipe}_{tag}"] = median_seconds(
-                lambda: train_step(student, optimizer, sources, list(sources), config, next(step),
-                                   teacher=online if recipe == "consistent" else None), args.repeats)
-        mixed = torch.rand(args.batch_size, 3, res, res)
-        rows[f"teacher_{tag}"] = median_seconds(
-            lambda: teacher_probabilities(online, mixed, config, "fp32"), args.repeats)
+            rows[f"{recipe}_{tag}"] = step_seconds(recipe, bf16, online, pool, soft, support, args)
+        rows[f"teacher_{tag}"] = teacher_seconds(online, bf16, args)
         rows[f"student_{tag}"] = rows[f"consistent_{tag}"] - rows[f"teacher_{tag}"]
         rows[f"ratio_consistent_vs_paper_{tag}"] = rows[f"consistent_{tag}"] / rows[f"paper_{tag}"]
         rows[f"teacher_share_{tag}"] = rows[f"teacher_{tag}"] / rows[f"consistent_{tag}"]
