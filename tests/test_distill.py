@@ -318,3 +318,39 @@ def test_paper_key_and_fingerprint_ignore_the_consistent_settings():
     # a consistent run's cosine spans `iterations`: it cannot be extended
     assert config_fingerprint(consistent) != config_fingerprint(DistillConfig(recipe="consistent",
                                                                               iterations=5))
+
+
+class _FeatureTeacher(_RecordingTeacher):
+    feature_dim = 7
+
+    def features_and_probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(x.detach().clone())
+        feats = x.flatten(1)[:, : self.feature_dim] * 3 - 1
+        return feats, (x.flatten(1) @ self.weight).softmax(1)
+
+
+def test_feature_matching_trains_a_projection_that_is_not_exported_and_resumes_exactly(tmp_path):
+    sources = _unlabelled_sources()
+    cfg = _consistent(feature_weight=2.0)
+    reference = _student()
+    ref = distill(reference, sources, cfg, tmp_path / "ref", progress=False, teacher=_FeatureTeacher())
+    tensors, _ = load_tensors(tmp_path / "ref" / CHECKPOINT_NAME)
+    assert any(k.startswith("model.projector.") for k in tensors)  # trained, checkpointed
+    student_file, _ = load_tensors(ref.final_path)
+    assert not any("projector" in k for k in student_file)  # not part of the student
+    plain = _student()
+    distill(plain, sources, _consistent(), tmp_path / "plain", progress=False, teacher=_FeatureTeacher())
+    assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in reference.state_dict().items())
+
+    def kill_at_5(step: int, loss: float) -> None:
+        if step == 5:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        distill(_student(), sources, cfg, tmp_path / "k", progress=False, on_step=kill_at_5,
+                teacher=_FeatureTeacher())
+    resumed = _student()
+    distill(resumed, sources, cfg, tmp_path / "k", progress=False, teacher=_FeatureTeacher())
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in reference.state_dict().items())
+    with pytest.raises(TintError, match="feature_weight"):
+        distill(_student(), sources, cfg, tmp_path / "x", progress=False, teacher=_RecordingTeacher())

@@ -356,7 +356,8 @@ def test_consistent_recipe_labels_online_with_no_label_stages(data_root, tmp_pat
     pseudo-label stages; it is keyed apart from the paper recipe and resumes for free."""
     from tint.pipeline import make_context, plan_units, prepare
 
-    overrides = {"distill.recipe": "consistent", "distill.teacher_size": 16, "distill.warmup": 2}
+    overrides = {"distill.recipe": "consistent", "distill.teacher_size": 16, "distill.warmup": 2,
+                 "distill.feature_weight": 1.0}
     config = config_from_dict(_small(data_root, tmp_path / "run", **overrides))
     ctx = make_context(config)
     episodes = prepare(ctx)

@@ -58,7 +58,7 @@ RECIPES = ("paper", "consistent")
 MIXES = ("cutmix", "mixup", "none")
 # Settings that only the consistent recipe reads: left out of a paper student's key and
 # checkpoint fingerprint, so that every paper result keeps its key.
-CONSISTENT_ONLY = ("recipe", "mix", "mix_alpha", "teacher_size", "warmup")
+CONSISTENT_ONLY = ("recipe", "mix", "mix_alpha", "teacher_size", "warmup", "feature_weight")
 # [B,3,H,W] images in [0,1] -> [B,N] teacher probabilities (frozen; no gradient).
 Teacher = Callable[[torch.Tensor], torch.Tensor]
 CHECKPOINT_NAME = "checkpoint.safetensors"
@@ -101,6 +101,10 @@ class DistillConfig:
     mix_alpha: float = 1.0  # mixing weight ~ Beta(mix_alpha, mix_alpha), one per batch
     teacher_size: int | None = None  # online teacher input side in px (None: its own)
     warmup: int = 0  # linear lr warmup steps before the cosine decay
+    # + weight x (1 - cos) between the student's features (through a linear projection,
+    # trained with it, not exported) and the teacher's on the same views: many more numbers
+    # per image than N class probabilities (FitNets-style feature matching); 0: off
+    feature_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.sources = tuple(self.sources)
@@ -125,6 +129,8 @@ class DistillConfig:
             raise TintError(f"distill.teacher_size must be >= 8 px (or null), got {self.teacher_size}")
         if self.warmup < 0:
             raise TintError(f"distill.warmup must be >= 0, got {self.warmup}")
+        if self.feature_weight < 0:
+            raise TintError(f"distill.feature_weight must be >= 0, got {self.feature_weight}")
 
     @property
     def consistent(self) -> bool:
@@ -448,14 +454,15 @@ def _autocast(config: DistillConfig, precision: str):
 def train_step(student: nn.Module, optimizer: torch.optim.Optimizer,
                sources: dict[str, DistillSource], names: Sequence[str],
                config: DistillConfig, step: int, precision: str = "fp32",
-               scaler: torch.amp.GradScaler | None = None, teacher: Teacher | None = None) -> float:
+               scaler: torch.amp.GradScaler | None = None, teacher: Teacher | None = None,
+               projector: nn.Module | None = None) -> float:
     """One SGD step of (0-based) `step`; returns the loss. `precision` is the forward pass's
     autocast ("fp32": none); `scaler` does fp16 loss scaling; `teacher` labels the batch
-    online (the consistent recipe)."""
+    online (the consistent recipe); `projector` maps student to teacher features."""
     for group in optimizer.param_groups:
         group["lr"] = config.lr_at(step)
     if config.consistent:
-        loss = consistent_loss(student, sources, names, config, step, precision, teacher)
+        loss = consistent_loss(student, sources, names, config, step, precision, teacher, projector)
     else:
         loss = paper_loss(student, sources, names, config, step, precision)
     optimizer.zero_grad(set_to_none=True)
@@ -521,20 +528,49 @@ def teacher_probabilities(teacher: Teacher, images: torch.Tensor, config: Distil
     return probs.clone()  # a normal tensor: inference tensors cannot enter the loss graph
 
 
+def teacher_features_and_probabilities(teacher, images: torch.Tensor, config: DistillConfig,
+                                       precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `teacher_probabilities`, with the teacher's features of the same views."""
+    with torch.inference_mode(), _autocast(config, precision):
+        feats, probs = teacher.features_and_probabilities(images)
+    return feats.float().clone(), probs.float().clone()
+
+
+def feature_matching_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor,
+                          projector: nn.Module) -> torch.Tensor:
+    """Mean (1 - cosine) between projected student features and the teacher's."""
+    projected = projector(student_feats.float())
+    return (1 - F.cosine_similarity(projected, teacher_feats, dim=1)).mean()
+
+
 def consistent_loss(student: nn.Module, sources: dict[str, DistillSource], names: Sequence[str],
                     config: DistillConfig, step: int, precision: str,
-                    teacher: Teacher | None) -> torch.Tensor:
-    """KL to the teacher on the same mixed views (one student pass for views + supports)."""
+                    teacher: Teacher | None, projector: nn.Module | None = None) -> torch.Tensor:
+    """KL to the teacher on the same mixed views (one student pass for views + supports),
+    plus feature matching on those views when a `projector` is given."""
     if teacher is None:
         raise TintError("distill.recipe=consistent needs the teacher online; none was given")
     mixed, support, labels = consistent_views(sources, names, config, step)
-    probs = teacher_probabilities(teacher, mixed, config, precision)
-    logits = _student_logits(student, torch.cat([mixed, support]), config, precision)
+    images = torch.cat([mixed, support])
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if projector is None:
+        probs = teacher_probabilities(teacher, mixed, config, precision)
+        with _autocast(config, precision):
+            logits = student(images).float()
+    else:
+        teacher_feats, probs = teacher_features_and_probabilities(teacher, mixed, config, precision)
+        with _autocast(config, precision):
+            feats = student.embed(images)
+            logits = student.head(feats).float()
     parts = {"transfer": logits[: len(mixed)]}
     targets = {"transfer": probs}
     if len(support):
         parts["support"], targets["support"] = logits[len(mixed):], labels
-    return distillation_loss(parts, targets, config.temperature)
+    loss = distillation_loss(parts, targets, config.temperature)
+    if projector is not None:
+        loss = loss + config.feature_weight * feature_matching_loss(feats[: len(mixed)], teacher_feats, projector)
+    return loss
 
 
 def query_accuracy(images: torch.Tensor, labels: torch.Tensor,
@@ -590,12 +626,14 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
     student.to(config.device)
     if config.channels_last:
         student.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
+    projector = feature_projector(student, teacher, config)
+    trainable = student if projector is None else nn.ModuleDict({"student": student, "projector": projector})
+    optimizer = torch.optim.SGD(trainable.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     fingerprint = config_fingerprint(config)
     ckpt_path = run_dir / CHECKPOINT_NAME
     history_path = run_dir / HISTORY_NAME
-    start = _resume(ckpt_path, student, optimizer, fingerprint)
+    start = _resume(ckpt_path, trainable, optimizer, fingerprint)
     if start > config.iterations:
         raise TintError(f"{ckpt_path}: checkpoint is at step {start}, beyond "
                         f"distill.iterations={config.iterations}; raise iterations or delete it")
@@ -610,7 +648,7 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
                initial=start, total=config.iterations)
     for step in bar:
         loss = train_step(student, optimizer, sources, names, config, step, precision,
-                          scaler if scaler.is_enabled() else None, teacher)
+                          scaler if scaler.is_enabled() else None, teacher, projector)
         done = step + 1
         if not math.isfinite(loss):
             kept = f"last checkpoint kept: {ckpt_path} (step {_saved_step(ckpt_path)})"
@@ -623,7 +661,7 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
             history.append(entry)
             append_history(history_path, entry)
         if done % config.checkpoint_every == 0 or done == config.iterations:
-            save_checkpoint(ckpt_path, student, optimizer, done, {"fingerprint": fingerprint})
+            save_checkpoint(ckpt_path, trainable, optimizer, done, {"fingerprint": fingerprint})
         bar.set_postfix(loss=f"{loss:.4f}")
         if on_step is not None:
             on_step(done, loss)
@@ -632,6 +670,16 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
     final_path = run_dir / FINAL_NAME
     save_student(final_path, student, {"step": config.iterations, **(student_meta or {})})
     return DistillResult(history=history, final_path=final_path, resumed_from=start)
+
+
+def feature_projector(student: nn.Module, teacher, config: DistillConfig) -> nn.Module | None:
+    """The linear map student features -> teacher features of feature matching (or None)."""
+    if not (config.consistent and config.feature_weight > 0):
+        return None
+    if not hasattr(teacher, "features_and_probabilities") or not hasattr(student, "embed"):
+        raise TintError("distill.feature_weight > 0 needs a teacher with features (pmf) and a tint "
+                        "student; set it to 0")
+    return nn.Linear(student.feature_dim, teacher.feature_dim).to(config.device)
 
 
 def check_recipe_inputs(sources: dict[str, DistillSource], names: Sequence[str],

@@ -222,8 +222,7 @@ class ProtoNetTeacher(nn.Module):
         return cosine_logits(feats, self._protos_or_raise(), self.scale.cpu()).softmax(dim=1)
 
     @torch.no_grad()
-    def online(self, support: torch.Tensor, labels: torch.Tensor,
-               size: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    def online(self, support: torch.Tensor, labels: torch.Tensor, size: int | None = None) -> OnlineProtoNet:
         """The teacher as a function of a batch (the consistent distillation recipe):
         prototypes of `support` and every batch at `size` px (None: the backbone's own),
         nothing cached (each view is new), on the teacher's device. Call ``fit`` first when
@@ -232,12 +231,7 @@ class ProtoNetTeacher(nn.Module):
         labels = labels.long()
         protos = prototypes(self.backbone(support.to(self.device), size).float(), labels.to(self.device),
                             int(labels.max()) + 1)
-        scale = self.scale.detach()
-
-        def probabilities(x: torch.Tensor) -> torch.Tensor:
-            return cosine_logits(self.backbone(x.to(self.device), size).float(), protos, scale).softmax(1)
-
-        return probabilities
+        return OnlineProtoNet(self.backbone, protos, self.scale.detach(), size)
 
     def accuracy(self, x: torch.Tensor, labels: torch.Tensor) -> float:
         """Accuracy on labelled images (the episode's queries)."""
@@ -288,6 +282,22 @@ class ProtoNetTeacher(nn.Module):
         except RuntimeError as err:
             raise TintError(f"{path}: weights do not fit this teacher ({err})") from err
         self.clear_cache()
+
+
+class OnlineProtoNet:
+    """A fitted, frozen ProtoNet as a function of a batch: probabilities, or features too."""
+
+    def __init__(self, backbone: FeatureBackbone, protos: torch.Tensor, scale: torch.Tensor,
+                 size: int | None) -> None:
+        self.backbone, self.protos, self.scale, self.size = backbone, protos, scale, size
+        self.feature_dim = backbone.feature_dim
+
+    def features_and_probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.backbone(x.to(self.protos.device), self.size).float()
+        return feats, cosine_logits(feats, self.protos, self.scale).softmax(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_and_probabilities(x)[1]
 
 
 # --------------------------------------------------------------------------- meta-training
