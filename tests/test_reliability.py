@@ -378,6 +378,10 @@ def test_second_identical_run_waits_for_the_first(tmp_path, caplog):
     for thread in threads:
         thread.join(60)
     assert (run_dir / "second.txt").read_text() == "ran" and len(waited) == 1
+    # Issue 22: said once, as a warning (shown before the run's log exists), with the holder's pid
+    says = [r for r in caplog.records if "waiting for it" in r.getMessage()]
+    assert len(says) == 1 and says[0].levelno == logging.WARNING
+    assert f"(pid {os.getpid()})" in says[0].getMessage()
 
 
 def test_ctrl_c_during_a_run_is_one_line_and_exit_130(data_root, tmp_path):

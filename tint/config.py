@@ -50,6 +50,10 @@ class DataConfig(Settings):
     """Which images: the dataset, the episodes (a file or sampled), the base-class pool."""
 
     dataset: str = "openclipart"
+    # What stands for the dataset in artifact keys (None: `dataset` itself). `tint fit` sets
+    # the content hash of its snapshot, so that the keys follow the images, not the folder
+    # they were copied to (a moved model folder, or --out spelt another way, reuses all).
+    dataset_key: str | None = None
     resolution: int = 84
     # An episode file (path, or "builtin:<name>" for tint/assets/episodes/<name>.json);
     # None samples `n_episodes` episodes from `split` with the settings below.

@@ -117,15 +117,17 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
 
 @contextmanager
 def folder_lock(folder: str | Path, on_wait: Any = None, name: str = ".lock",
-                on_busy: Any = None) -> Iterator[None]:
+                on_busy: Any = None, holder: dict | None = None) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (the file `name` in it) across processes.
 
     Two runs that share an artifact store (two `tint experiment` processes) must not
     compute the same artifact at once: the second waits here, then finds it done. The
     OS drops the lock when the holder dies, so a killed run never leaves it stuck.
-    `on_busy()` is called before waiting for a busy lock (it may raise instead), and
-    `on_wait(seconds)` after. Without fcntl (Windows) it is a no-op: one process per store
-    there.
+    `on_busy(holder)` is called before waiting for a busy lock (it may raise instead) with
+    what the holder wrote in the lock file (`lock_holder`), and `on_wait(seconds)` after.
+    The holder writes its pid and `holder` (JSON) into the lock file once it has the lock,
+    so that a process waiting for it can say who it waits for. Without fcntl (Windows) it
+    is a no-op: one process per store there.
     """
     try:
         import fcntl
@@ -139,15 +141,36 @@ def folder_lock(folder: str | Path, on_wait: Any = None, name: str = ".lock",
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if on_busy is not None:
-                on_busy()
+                on_busy(lock_holder(folder / name))
             start = perf_counter()
             fcntl.flock(handle, fcntl.LOCK_EX)
             if on_wait is not None:
                 on_wait(perf_counter() - start)
+        _write_holder(handle, holder)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_holder(handle: Any, holder: dict | None) -> None:
+    """Record who holds the lock (pid, and what it is doing) in the lock file itself."""
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), **(holder or {})}).encode())
+        handle.flush()
+    except OSError:  # a read-only or full store: the lock still works without the record
+        pass
+
+
+def lock_holder(path: str | Path) -> dict:
+    """What the holder of the lock file `path` wrote: at least its pid when known ({} if not)."""
+    try:
+        record = json.loads(Path(path).read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def set_threads(n: int | None) -> None:
