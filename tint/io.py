@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,7 +64,16 @@ def read_json(path: str | Path) -> Any:
 
 
 class DamagedFileError(TintError):
-    """A tensor file that is truncated, unreadable or no longer matches its checksum."""
+    """A tensor file that is truncated, unreadable or no longer matches its checksum.
+
+    `problem` says what is wrong with `path` without advice: the caller that knows what
+    made the file (a checkpoint the loop restarts, a student `tint export` was given)
+    says what to do instead of the generic "delete it and run the same command again"."""
+
+    def __init__(self, path: Path, problem: str,
+                 advice: str = "delete it and run the same command again to recompute it"):
+        super().__init__(f"{path}: {problem}; {advice}")
+        self.path, self.problem = path, problem
 
 
 CHECKSUM_KEY = "tint_sha256"
@@ -87,7 +97,23 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     if metadata is not None:
         meta["tint"] = json.dumps(metadata, default=str)
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=meta)
+        _save_file(contiguous, tmp, Path(path), meta)
+
+
+def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, path: Path, meta: dict) -> None:
+    """safetensors' save_file, with its I/O failures as what they are: a full disk raises
+    SafetensorError, which is not an OSError, so without this the user saw a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)|code: (\d+)", str(err))
+        if code:  # the CLI turns an OSError into one line with advice for its errno
+            number = int(code.group(1) or code.group(2))
+            raise OSError(number, os.strerror(number), str(path)) from err
+        raise TintError(f"{path}: could not write the tensor file ({err}); check the disk "
+                        "and run the same command again to resume") from err
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -107,11 +133,10 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
         tensors = load_file(str(path))
         meta = json.loads(raw["tint"]) if "tint" in raw else None
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise DamagedFileError(f"{path}: damaged or truncated tensor file ({err}); delete it and "
-                               "run the same command again to recompute it") from err
+        raise DamagedFileError(path, f"damaged or truncated tensor file ({err})") from err
     if CHECKSUM_KEY in raw and tensors_sha256(tensors) != raw[CHECKSUM_KEY]:
-        raise DamagedFileError(f"{path}: its tensors no longer match their checksum (the file was "
-                               "changed or damaged); delete it and run the same command again")
+        raise DamagedFileError(path, "its tensors no longer match their checksum (the file was "
+                               "changed or damaged)")
     return tensors, meta
 
 
