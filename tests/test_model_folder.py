@@ -125,3 +125,53 @@ def test_predict_accepts_the_fitted_folder_and_its_record(fitted, capsys):
     """The labels.json fit writes verifies against its own model.onnx."""
     assert main(["predict", str(fitted["out"]), str(fitted["data"])]) == 0
     assert len(capsys.readouterr().out.strip().splitlines()) == 1 + sum(COUNTS.values())
+
+
+def _card_figures(out: Path) -> list[str]:
+    card = (out / "MODEL_CARD.md").read_text().split("## Accuracy", 1)[1].split("## Intended", 1)[0]
+    return [line for line in card.splitlines() if line.startswith("- ")]
+
+
+def _students(out: Path) -> dict[str, dict]:
+    from tint.io import load_tensors
+
+    return {path.parent.name: load_tensors(path)[0]
+            for path in sorted((out / "work" / "artifacts" / "distill").glob("*/student.safetensors"))}
+
+
+def test_fit_killed_mid_distillation_resumes_to_the_same_model_folder(fitted, tmp_path):
+    """Issue 22 (must show): `tint fit` killed with SIGKILL in the middle of distillation and
+    run again gives the model folder of an uninterrupted fit: the same student tensors (in
+    the same content-keyed folders) and the same card figures."""
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+
+    root = Path(__file__).resolve().parents[1]
+    longer = ["--set", "distill.iterations=60", "--set", "distill.checkpoint_every=5"]
+    argv = ["fit", str(fitted["data"]), "--out", str(tmp_path / "killed"), str(fitted["config"]), *longer]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root)}
+    fit = subprocess.Popen([sys.executable, "-m", "tint.cli", *argv], env=env,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    distill = tmp_path / "killed" / "work" / "artifacts" / "distill"
+    try:
+        deadline = time.monotonic() + 300
+        while not list(distill.glob("*/checkpoint.safetensors")):
+            assert fit.poll() is None, "the fit ended before distillation checkpointed"
+            assert time.monotonic() < deadline, "no distillation checkpoint within 300 s"
+            time.sleep(0.02)
+    finally:
+        fit.send_signal(signal.SIGKILL)
+        fit.wait()
+    assert not list(distill.glob("*/done.json")), "killed too late: distillation had finished"
+    assert main(argv) == 0
+    reference = tmp_path / "uninterrupted"
+    assert main(["fit", str(fitted["data"]), "--out", str(reference), str(fitted["config"]), *longer]) == 0
+    killed, expected = _students(tmp_path / "killed"), _students(reference)
+    assert killed and sorted(killed) == sorted(expected)
+    for folder, tensors in killed.items():
+        assert all(torch.equal(tensors[k], expected[folder][k]) for k in expected[folder]), folder
+    assert _card_figures(tmp_path / "killed") == _card_figures(reference)
+    assert (tmp_path / "killed" / "labels.json").read_text() == (reference / "labels.json").read_text()
