@@ -175,3 +175,12 @@ def test_fit_killed_mid_distillation_resumes_to_the_same_model_folder(fitted, tm
         assert all(torch.equal(tensors[k], expected[folder][k]) for k in expected[folder]), folder
     assert _card_figures(tmp_path / "killed") == _card_figures(reference)
     assert (tmp_path / "killed" / "labels.json").read_text() == (reference / "labels.json").read_text()
+
+
+def test_fit_refuses_a_model_folder_without_onnx_before_any_work(tmp_path, capsys):
+    """labels.json records model.onnx's SHA-256, and prediction runs it: export.onnx=false
+    would end the fit in a missing-file error after all the work."""
+    data = _labelled(tmp_path / "photos", COUNTS)
+    assert main(["fit", str(data), "--out", str(tmp_path / "model"), "--set", "export.onnx=false"]) == 2
+    assert "export.onnx: false" in _one_line(capsys.readouterr().err)
+    assert not (tmp_path / "model").exists()

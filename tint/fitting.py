@@ -277,6 +277,9 @@ def load_fit_config(config: str | Path | None, overrides: Sequence[str], work: P
     for assignment in overrides:
         data = apply_override(data or {}, assignment)
     resolved = config_from_dict(data or {})
+    if not resolved.export.onnx:
+        raise TintError("export.onnx: false, but the model folder's model is model.onnx (what "
+                        "tint predict runs, and what labels.json records); leave it true")
     if unlabeled is not None:
         if resolved.teacher.meta_train.epochs > 0:
             raise TintError("teacher.meta_train.epochs: meta-training needs labelled base classes, "
