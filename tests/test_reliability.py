@@ -524,6 +524,45 @@ def test_garbled_jpeg_warns_naming_the_file(tmp_path, caplog):
     assert str(garbled) in message and "corrupt JPEG data" in message and "5 extraneous bytes" in message
 
 
+def test_garbled_compressed_data_is_found_by_the_huffman_check(tmp_path, caplog):
+    """Bytes overwritten inside the compressed data: PIL decodes a garbled picture without a
+    word; tint's Huffman check of baseline JPEGs (tint.jpeg_check) finds the damage in most
+    such files, and never flags an intact one (restart markers, grey, 4:2:0, 4:4:4)."""
+    import io
+    import warnings as python_warnings
+
+    from tint.jpeg_check import jpeg_problem
+
+    y, x = np.mgrid[0:48, 0:64]
+    pixels = np.stack([x * 4 % 256, y * 5 % 256, (x + y) * 3 % 256], -1).astype(np.uint8)
+    for i, options in enumerate([{}, {"subsampling": 0}, {"restart_marker_blocks": 2},
+                                 {"optimize": True}]):
+        for mode in ("RGB", "L"):
+            path = tmp_path / f"intact-{i}-{mode}.jpg"
+            Image.fromarray(pixels).convert(mode).save(path, quality=90, **options)
+            assert jpeg_problem(path) is None, (options, mode)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    found = garbled = 0
+    for k, at in enumerate(range(len(data) // 2, len(data) - 10, 97)):
+        damaged = bytearray(data)
+        damaged[at:at + 4] = b"\x12\x34\x56\x78"
+        path = tmp_path / f"garbled-{k}.jpg"
+        path.write_bytes(bytes(damaged))
+        with python_warnings.catch_warnings():
+            python_warnings.simplefilter("error")  # PIL itself: no warning, no error
+            decoded = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        if np.abs(decoded - np.asarray(Image.open(io.BytesIO(data))).astype(int)).mean() < 5:
+            continue
+        garbled += 1
+        with caplog.at_level(logging.WARNING, logger="tint"):
+            load_image(path, 16)
+        found += any(str(path) in r.getMessage() and "corrupt JPEG data" in r.getMessage()
+                     for r in caplog.records)
+    assert garbled >= 3 and found >= garbled - 1, (found, garbled)
+
+
 def test_full_disk_during_a_tensor_write_is_one_line(tmp_path, monkeypatch, capsys):
     """Issue 22: safetensors reports a full disk as SafetensorError, not OSError, so the CLI
     showed a traceback; save_tensors now raises the OSError it is, naming the file."""

@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tint.errors import TintError
+from tint.jpeg_check import MAX_BLOCKS, jpeg_problem
 
 FITS = ("crop", "pad", "stretch")
 RESAMPLE = Image.Resampling.BICUBIC
@@ -29,8 +30,11 @@ LOGGER = logging.getLogger("tint")
 _WARNED: set[str] = set()  # files already warned about in this process
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, turning every failure into a TintError."""
+def open_image(path: str | Path, jpeg_blocks: int = MAX_BLOCKS) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into a TintError.
+
+    Damage PIL decodes through (a JPEG's, found by tint.jpeg_check up to `jpeg_blocks` 8x8
+    blocks; 0: its markers only) and PIL's own warnings are logged once per file, naming it."""
     path = Path(path)
     if not path.exists():
         raise TintError(f"{path}: image file not found")
@@ -44,7 +48,7 @@ def open_image(path: str | Path) -> Image.Image:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()  # decode now: truncated files fail here, not later
-                problem = jpeg_problem(path) if img.format == "JPEG" else None
+                problem = checked_jpeg(path, jpeg_blocks) if img.format == "JPEG" else None
                 img = ImageOps.exif_transpose(img) or img
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -65,6 +69,18 @@ def open_image(path: str | Path) -> Image.Image:
     return img
 
 
+_JPEG_CHECKED: dict[tuple[str, int, int, int], str | None] = {}
+
+
+def checked_jpeg(path: Path, max_blocks: int) -> str | None:
+    """jpeg_problem, once per file version and process: training loads an image many times."""
+    stat = path.stat()
+    memo = (str(path), stat.st_size, stat.st_mtime_ns, max_blocks)
+    if memo not in _JPEG_CHECKED:
+        _JPEG_CHECKED[memo] = jpeg_problem(path, max_blocks)
+    return _JPEG_CHECKED[memo]
+
+
 def warn_once(path: str | Path, message: str) -> None:
     """A warning naming the file, once per file and process (PIL itself says nothing about
     most damage it decodes through, and what it does say names no file)."""
@@ -73,63 +89,6 @@ def warn_once(path: str | Path, message: str) -> None:
         _WARNED.add(key)
         LOGGER.warning("%s: %s", key, message)
 
-
-# JPEG markers that may follow a scan's compressed data (tables, restart interval, the next
-# scan of a progressive image, comments and application data, the end of the image).
-_AFTER_SCAN = {0xC4, 0xCC, 0xD9, 0xDA, 0xDB, 0xDC, 0xDD, 0xFE, *range(0xE0, 0xF0)}
-
-
-def jpeg_problem(path: str | Path) -> str | None:
-    """What libjpeg would warn about in a JPEG's marker structure, or None.
-
-    PIL decodes a damaged JPEG without a word: libjpeg's "Corrupt JPEG data" warnings are
-    not passed on (Pillow has no switch for them). Damage inside the compressed data often
-    shows as a marker that cannot be there (0xFF followed by a byte no marker has), or bytes
-    between segments; both are found here by a scan of the markers (C speed: bytes.find).
-    Damage that keeps the marker structure intact is not seen; an image it leaves flat is
-    caught by the nearly-constant check (tint.data.images.warn_if_nearly_constant).
-    """
-    data = Path(path).read_bytes()
-    if data[:2] != b"\xff\xd8":
-        return None
-    i, n = 2, len(data)
-    while i < n:
-        if data[i] != 0xFF:
-            j = data.find(b"\xff", i)
-            return f"corrupt JPEG data: {(j if j >= 0 else n) - i} extraneous bytes at byte {i}"
-        while i < n and data[i] == 0xFF:  # fill bytes
-            i += 1
-        if i >= n:
-            break
-        marker, i = data[i], i + 1
-        if marker == 0xD9:
-            return None
-        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length
-            continue
-        if marker == 0x00 or i + 2 > n:
-            return f"corrupt JPEG data: no valid marker at byte {i - 1}"
-        i += int.from_bytes(data[i:i + 2], "big")
-        if marker == 0xDA:
-            i, problem = _skip_scan(data, i)
-            if problem:
-                return problem
-    return "corrupt JPEG data: the file ends without an end-of-image marker"
-
-
-def _skip_scan(data: bytes, i: int) -> tuple[int, str | None]:
-    """Skip a scan's compressed data (0xFF is stuffed as FF 00; FF D0-D7 are restarts)."""
-    while True:
-        j = data.find(b"\xff", i)
-        if j < 0 or j + 1 >= len(data):
-            return len(data), None
-        following = data[j + 1]
-        if following == 0x00 or 0xD0 <= following <= 0xD7 or following == 0xFF:
-            i = j + (1 if following == 0xFF else 2)
-        elif following in _AFTER_SCAN:
-            return j, None
-        else:
-            return j, (f"corrupt JPEG data: a marker that cannot be there (0xFF{following:02X}) "
-                       f"at byte {j}, inside the compressed image data")
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

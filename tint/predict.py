@@ -42,6 +42,9 @@ LABELS_FORMAT = "tint-labels/1"
 # The suffixes `tint.data.formats` scans in class folders; directories are walked for these.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 FORMATS = ("table", "csv", "json")
+# Prediction checks a JPEG's markers only (cheap); the Huffman check of tint.jpeg_check would
+# cost ~40x the decoding, so it is left to training, where a damaged image does harm.
+PREDICT_JPEG_BLOCKS = 0
 HOW_TO_MAKE = "make one with `tint fit DATA_DIR --out MODEL_DIR`"
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -192,7 +195,7 @@ def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:
 def preprocess(image: ImageLike, spec: ModelSpec, name: str | None = None) -> np.ndarray:
     """One image (path, PIL image or array) -> float32 [3, size, size] in [0, 1]."""
     if isinstance(image, (str, Path)):
-        img = open_image(image)
+        img = open_image(image, jpeg_blocks=PREDICT_JPEG_BLOCKS)
     elif isinstance(image, Image.Image):
         img = image
     elif isinstance(image, np.ndarray):
