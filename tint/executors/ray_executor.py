@@ -433,7 +433,11 @@ def check_reachable(address: str, timeout: float | None = None) -> None:
     if not host or not port.isdigit():
         return
     if timeout is None:
-        timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV) or CONNECT_TIMEOUT)
+        try:
+            timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV) or CONNECT_TIMEOUT)
+        except ValueError as err:
+            raise TintError(f"{CONNECT_TIMEOUT_ENV}={os.environ[CONNECT_TIMEOUT_ENV]!r}: expected "
+                            "seconds, e.g. 20") from err
     deadline, last = time.monotonic() + timeout, None
     while True:
         try:
