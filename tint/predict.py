@@ -152,7 +152,8 @@ def check_integrity(model_dir: Path, doc: dict, model_file: str) -> None:
     if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
                                                for k in ("model.onnx", "classes")):
         raise TintError(f"{path}: has no 'sha256' record of model.onnx and the class list (written "
-                        f"by an older tint, or edited), so the folder cannot be verified; {REFIT}")
+                        "by an older tint, or edited), so the folder cannot be verified; run the "
+                        "same `tint fit DATA_DIR --out MODEL_DIR` again with this tint to rewrite it")
     if classes_sha256(doc["classes"]) != record["classes"]:
         raise TintError(f"{path}: the class list was changed (reordered, renamed or edited) since "
                         f"tint fit wrote it, so labels would no longer match the model's outputs; "
