@@ -98,7 +98,7 @@ def is_model_folder(out: Path) -> bool:
         pass
     names = {p.name for p in out.iterdir()} - {LOCK}
     known = set(OUTPUT_FILES) | set(OUTPUT_FOLDERS)
-    return names <= known and (out / "work" / "config.yaml").is_file()
+    return names <= known and any((out / "work" / name).is_file() for name in ("config.yaml", "log.txt"))
 
 
 def foreign_outputs(out: Path) -> list[str]:
