@@ -195,3 +195,162 @@ def test_bf16_channels_last_option_trains(tmp_path):
     x = torch.rand(2, 3, RES, RES)
     with torch.no_grad():
         assert torch.allclose(loaded(x), student.eval()(x), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- consistent recipe
+
+
+class _RecordingTeacher:
+    """A fixed random linear teacher that records every batch it labels."""
+
+    def __init__(self) -> None:
+        g = torch.Generator().manual_seed(11)
+        self.weight = torch.randn(3 * RES * RES, N_WAY, generator=g) * 0.05
+        self.seen: list[torch.Tensor] = []
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.detach().clone())
+        return (x.flatten(1) @ self.weight).softmax(1)
+
+
+class _RecordingStudent(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _student()
+        self.seen: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen.append(x.detach().clone())
+        return self.net(x)
+
+
+def _unlabelled_sources() -> dict[str, DistillSource]:
+    sources = _sources()
+    return {"base": DistillSource(None, images=sources["base"].images),
+            "synthetic": DistillSource(None, images=sources["synthetic"].images),
+            "support": sources["support"]}
+
+
+def _consistent(**kw) -> DistillConfig:
+    return _config(recipe="consistent", warmup=2, **kw)
+
+
+@pytest.mark.parametrize("mix", ["cutmix", "mixup"])
+def test_consistent_teacher_sees_exactly_the_students_mixed_views(tmp_path, mix):
+    teacher, student = _RecordingTeacher(), _RecordingStudent()
+    cfg = _consistent(iterations=3, mix=mix)
+    distill(student, _unlabelled_sources(), cfg, tmp_path, progress=False, teacher=teacher)
+    assert len(teacher.seen) == len(student.seen) == 3
+    for t_view, s_view in zip(teacher.seen, student.seen, strict=True):
+        assert t_view.shape[0] == cfg.batch_size  # every transfer image, supports included
+        assert torch.equal(s_view[: len(t_view)], t_view)  # the same pixels
+        assert s_view.shape[0] == cfg.batch_size + 4  # + the 4 supports' unmixed views (CE)
+    # Mixed: no view of the batch equals an augmented image of the sources on its own.
+    views = teacher.seen[0]
+    assert not torch.equal(views, views[torch.randperm(len(views))])
+
+
+def test_mixing_is_seeded_and_mixes_pairs():
+    from tint.students.distill import mix_batch
+
+    x = torch.rand(6, 3, RES, RES)
+    for mode in ("cutmix", "mixup"):
+        a, b = mix_batch(x, seed=1, step=4, mode=mode), mix_batch(x, seed=1, step=4, mode=mode)
+        assert torch.equal(a, b) and a.shape == x.shape and not torch.equal(a, x)
+        assert not torch.equal(a, mix_batch(x, seed=1, step=5, mode=mode))
+    cut = mix_batch(x, seed=1, step=4, mode="cutmix")
+    # cutmix: each pixel comes from the image itself or from one partner
+    from_self = (cut == x).all(dim=1)
+    assert from_self.any() and (~from_self).any()
+    assert torch.equal(mix_batch(x, 1, 4, "none"), x)
+
+
+def test_consistent_killed_run_resumes_to_bit_identical_weights(tmp_path):
+    sources = _unlabelled_sources()
+    reference = _student()
+    ref = distill(reference, sources, _consistent(), tmp_path / "ref", progress=False,
+                  teacher=_RecordingTeacher())
+
+    def kill_at_5(step: int, loss: float) -> None:
+        if step == 5:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        distill(_student(), sources, _consistent(), tmp_path / "k", progress=False,
+                on_step=kill_at_5, teacher=_RecordingTeacher())
+    resumed = _student()
+    result = distill(resumed, sources, _consistent(), tmp_path / "k", progress=False,
+                     teacher=_RecordingTeacher())
+    assert result.resumed_from == 3
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in reference.state_dict().items())
+    assert [e["loss"] for e in result.history] == [e["loss"] for e in ref.history]
+
+
+def test_consistent_schedule_and_settings():
+    cfg = DistillConfig(recipe="consistent", iterations=100, warmup=10, lr=0.1)
+    lrs = [cfg.lr_at(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:], strict=False))  # cosine decay
+    assert lrs[-1] < 0.001
+    with pytest.raises(TintError, match="distill.recipe"):
+        DistillConfig(recipe="patient")
+    with pytest.raises(TintError, match="distill.mix"):
+        DistillConfig(mix="blend")
+
+
+def test_recipes_need_their_inputs(tmp_path):
+    with pytest.raises(TintError, match="teacher online"):
+        distill(_student(), _unlabelled_sources(), _consistent(), tmp_path, progress=False)
+    with pytest.raises(TintError, match="have no labels"):
+        distill(_student(), _unlabelled_sources(), _config(), tmp_path / "p", progress=False)
+
+
+def test_paper_key_and_fingerprint_ignore_the_consistent_settings():
+    """The paper recipe's students keep the keys they had before the recipes existed."""
+    from tint.students.distill import config_fingerprint, trajectory_settings
+
+    paper = DistillConfig()
+    assert not set(trajectory_settings(paper)) & {"recipe", "mix", "mix_alpha", "teacher_size", "warmup"}
+    assert config_fingerprint(paper) == config_fingerprint(DistillConfig(mix="mixup", warmup=5))
+    consistent = DistillConfig(recipe="consistent")
+    assert config_fingerprint(consistent) != config_fingerprint(DistillConfig(recipe="consistent", mix="mixup"))
+    # a consistent run's cosine spans `iterations`: it cannot be extended
+    assert config_fingerprint(consistent) != config_fingerprint(DistillConfig(recipe="consistent",
+                                                                              iterations=5))
+
+
+class _FeatureTeacher(_RecordingTeacher):
+    feature_dim = 7
+
+    def features_and_probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(x.detach().clone())
+        feats = x.flatten(1)[:, : self.feature_dim] * 3 - 1
+        return feats, (x.flatten(1) @ self.weight).softmax(1)
+
+
+def test_feature_matching_trains_a_projection_that_is_not_exported_and_resumes_exactly(tmp_path):
+    sources = _unlabelled_sources()
+    cfg = _consistent(feature_weight=2.0)
+    reference = _student()
+    ref = distill(reference, sources, cfg, tmp_path / "ref", progress=False, teacher=_FeatureTeacher())
+    tensors, _ = load_tensors(tmp_path / "ref" / CHECKPOINT_NAME)
+    assert any(k.startswith("model.projector.") for k in tensors)  # trained, checkpointed
+    student_file, _ = load_tensors(ref.final_path)
+    assert not any("projector" in k for k in student_file)  # not part of the student
+    plain = _student()
+    distill(plain, sources, _consistent(), tmp_path / "plain", progress=False, teacher=_FeatureTeacher())
+    assert any(not torch.equal(v, plain.state_dict()[k]) for k, v in reference.state_dict().items())
+
+    def kill_at_5(step: int, loss: float) -> None:
+        if step == 5:
+            raise _Kill
+
+    with pytest.raises(_Kill):
+        distill(_student(), sources, cfg, tmp_path / "k", progress=False, on_step=kill_at_5,
+                teacher=_FeatureTeacher())
+    resumed = _student()
+    distill(resumed, sources, cfg, tmp_path / "k", progress=False, teacher=_FeatureTeacher())
+    assert all(torch.equal(v, resumed.state_dict()[k]) for k, v in reference.state_dict().items())
+    with pytest.raises(TintError, match="feature_weight"):
+        distill(_student(), sources, cfg, tmp_path / "x", progress=False, teacher=_RecordingTeacher())

@@ -164,3 +164,30 @@ def test_val_with_an_unknown_class_is_refused_before_any_work(tmp_path):
     with pytest.raises(TintError, match=r"--val .*val: class folder\(s\) blue are not training classes"):
         tint.fit(data, tmp_path / "model", val=val)
     assert not (tmp_path / "model").exists()
+
+
+def test_fold_split_holds_out_round_robin_and_keeps_every_class():
+    from tint.cross_validation import fold_split
+
+    support = [["r0", "r1", "r2"], ["g0", "g1"], ["b0"]]
+    assert fold_split(support, 2, 0) == ([["r1"], ["g1"], ["b0"]], [["r0", "r2"], ["g0"], []])
+    assert fold_split(support, 2, 1) == ([["r0", "r2"], ["g0"], ["b0"]], [["r1"], ["g1"], []])
+    held = [i for f in range(3) for row in fold_split(support, 3, f)[1] for i in row]
+    assert sorted(held) == ["g0", "g1", "r0", "r1", "r2"]  # each scored once; one-image class never
+
+
+def test_cross_validated_student_estimate_on_the_card(fitted):
+    """Issue 21: --folds K trains K fold students on the fit's recipe (no generated images:
+    they saw every labelled image) and scores each on the images it never saw."""
+    tmp, out = fitted["tmp"], fitted["out"]
+    tint.fit(fitted["data"], out, config=tmp / "tiny.yaml", unlabeled=fitted["unlabeled"], folds=2)
+    from tint.io import read_json
+
+    estimate = read_json(out / "work" / "estimate" / "done.json")
+    cv = estimate["cross_validation"]
+    assert cv["n_scored"] == 5 and cv["folds"] == 2 and 0 <= cv["student"] <= 1
+    assert [f["n"] for f in cv["per_fold"]] == [3, 2]
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "2-fold cross-validated" in card and "5 held-out images" in card
+    fold_students = list((out / "work" / "artifacts" / "distill").glob("*/student.safetensors"))
+    assert len(fold_students) == 3  # the model + one per fold

@@ -349,3 +349,36 @@ def test_the_unit_graph_is_data_in_a_runnable_order(data_root, tmp_path):
         assert set(unit.needs) <= seen, unit.id
         seen.add(unit.id)
     assert not any(unit_done(ctx, episodes, u) for u in units)
+
+
+def test_consistent_recipe_labels_online_with_no_label_stages(data_root, tmp_path):
+    """Issue 21: distill.recipe=consistent needs the teacher and the images, not the
+    pseudo-label stages; it is keyed apart from the paper recipe and resumes for free."""
+    from tint.pipeline import make_context, plan_units, prepare
+
+    overrides = {"distill.recipe": "consistent", "distill.teacher_size": 16, "distill.warmup": 2,
+                 "distill.feature_weight": 1.0}
+    config = config_from_dict(_small(data_root, tmp_path / "run", **overrides))
+    ctx = make_context(config)
+    episodes = prepare(ctx)
+    by_id = {u.id: u for u in plan_units(ctx, episodes)}
+    assert not any(u.startswith(("label-base", "pseudo-label")) for u in by_id)
+    assert by_id["distill/ep000/s00"].needs == ("teacher",)
+    assert set(by_id["distill/ep000/s01"].needs) == {"teacher", *(f"generate/ep000/c{c:02d}" for c in range(3))}
+
+    results = run_pipeline(config)
+    accuracy = results["episodes"][0]["accuracy"]
+    assert 0 <= accuracy["with-tint"] <= 1 and 0 <= accuracy["without-synthetic"] <= 1
+    store = tmp_path / "run" / "artifacts"
+    assert not (store / "pseudo-base").exists() and not (store / "pseudo").exists()
+    computed: list[tuple[str, str]] = []
+    again = run_pipeline(config, hooks={"*": lambda s, label: computed.append((s, label))})
+    assert computed == [] and again["episodes"][0]["accuracy"] == accuracy
+    assert 0 <= accuracy["teacher-online"] <= 1 and "teacher-online" in results["models"]
+    paper = config_from_dict(_small(data_root, tmp_path / "paper"))
+    paper_folder = make_context(paper).store  # same episode, paper recipe: another student
+    from tint.pipeline import distill_key
+
+    ctx_paper = make_context(paper)
+    assert distill_key(ctx_paper, prepare(ctx_paper)[0], 0) != distill_key(ctx, episodes[0], 0)
+    assert paper_folder != store

@@ -28,6 +28,12 @@ def test_readme_headline_table_is_the_rendered_benchmark_results():
     assert table.current_block(table.README.read_text()) == table.block(table.load_rows())
 
 
+def test_readme_recipe_table_is_the_rendered_results_of_both_recipes():
+    table = _readme_table()
+    readme = table.README.read_text()
+    assert table.current_block(readme, table.RECIPES_BEGIN, table.RECIPES_END) == table.recipes_block()
+
+
 def test_committed_results_were_measured_with_the_current_benchmark_config():
     table = _readme_table()
     # results, the config they were measured with and the command come together or not at all

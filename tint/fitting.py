@@ -350,7 +350,7 @@ def run_units(config):
 # ----------------------------------------------------------------------------- 4. estimates
 
 
-def estimate(ctx, episode, snapshot: Snapshot, val: LabelledImages | None) -> dict:
+def estimate(ctx, episode, snapshot: Snapshot, val: LabelledImages | None, folds: int = 0) -> dict:
     """The `estimate` stage: keyed like any unit, so a rerun reuses it."""
     from tint.engine import run_stage, stable_hash
     from tint.pipeline import distill_key, generation_key, teacher_key
@@ -362,9 +362,10 @@ def estimate(ctx, episode, snapshot: Snapshot, val: LabelledImages | None) -> di
                                for c in range(episode.n_way)] if has_generator(ctx) else [],
         "held_out_unlabeled": [p.name for p in snapshot.held_out_unlabeled],
         "val": val.sha256() if val is not None else None,
+        **({"folds": folds} if folds else {}),  # absent when off: earlier estimates keep their key
     }
     return run_stage(ctx, "estimate", ctx.run_dir / "estimate", key, episode.label,
-                     lambda folder: compute_estimates(ctx, held_ctx, episode, snapshot, val))
+                     lambda folder: compute_estimates(ctx, held_ctx, episode, snapshot, val, folds))
 
 
 def has_generator(ctx) -> bool:
@@ -384,7 +385,9 @@ def held_out_context(ctx):
     return held
 
 
-def compute_estimates(ctx, held_ctx, episode, snapshot: Snapshot, val: LabelledImages | None) -> dict:
+def compute_estimates(ctx, held_ctx, episode, snapshot: Snapshot, val: LabelledImages | None,
+                      folds: int = 0) -> dict:
+    from tint.cross_validation import cross_validate
     from tint.pipeline import fitted_teacher, synthetic_paths
 
     teacher = fitted_teacher(ctx, episode)
@@ -397,6 +400,8 @@ def compute_estimates(ctx, held_ctx, episode, snapshot: Snapshot, val: LabelledI
     out["agreement_unlabeled"] = agreement(ctx, teacher, student, [str(p) for p in snapshot.held_out_unlabeled])
     if val is not None:
         out["val"] = val_accuracy(ctx, teacher, student, episode, val)
+    if folds:
+        out["cross_validation"] = cross_validate(ctx, episode, folds)
     return out
 
 
@@ -506,6 +511,11 @@ def estimate_lines(estimates: dict, snapshot: Snapshot) -> list[str]:
     loo, gen, unl = (estimates["teacher_leave_one_out"], estimates["agreement_generated"],
                      estimates["agreement_unlabeled"])
     lines = []
+    if estimates.get("cross_validation", {}).get("student") is not None:
+        cv = estimates["cross_validation"]
+        lines.append(f"student accuracy, {cv['folds']}-fold cross-validated on your labelled images "
+                     f"({cv['n_scored']} held-out images; fold students see (k-1)/k of them and no "
+                     f"generated images): {_pct(cv['student'])} (teacher on the same folds: {_pct(cv['teacher'])})")
     if "val" in estimates:
         v = estimates["val"]
         lines.append(f"validation accuracy (--val, {v['n']} images): student {_pct(v['student'])}, "
@@ -617,8 +627,9 @@ def write_fit_report(out: Path, ctx, episode, snapshot: Snapshot, estimates: dic
 
 def fit(data_dir: str | Path, out: str | Path, config: str | Path | None = None,
         overrides: Sequence[str] = (), unlabeled: str | Path | None = None,
-        val: str | Path | None = None) -> Path:
+        val: str | Path | None = None, folds: int = 0) -> Path:
     """Train a tiny classifier on ``data_dir/<class>/<images>``; returns the model folder.
+    ``folds`` > 1 adds a k-fold cross-validated estimate of the student (tint.cross_validation).
 
     Resumable: the same call after a kill continues, after success computes nothing.
     `out` must be new, empty or a model folder of an earlier fit (tint.model_folder).
@@ -663,9 +674,9 @@ def _fit_claimed(out: Path, work: Path, images: LabelledImages, cfg, unlabeled: 
         LOGGER.info("tint fit: %d labelled images in %d classes; unlabelled pool: %s",
                     sum(images.counts().values()), len(images.classes), snapshot.pool)
         ctx, episode = run_units(episode_config(cfg, images, snapshot, work))
-        estimates = estimate(ctx, episode, snapshot, val_images)
+        estimates = estimate(ctx, episode, snapshot, val_images, folds)
         estimates = {k: v for k, v in estimates.items() if k in (
-            "teacher_leave_one_out", "agreement_generated", "agreement_unlabeled", "val")}
+            "teacher_leave_one_out", "agreement_generated", "agreement_unlabeled", "val", "cross_validation")}
         write_model_folder(ctx, episode, out, images, snapshot, estimates, images.sha256(),
                            time.perf_counter() - start)
         LOGGER.info("tint fit: model folder %s written", out)
@@ -691,11 +702,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--val", type=Path, default=None, metavar="DIR",
                         help="labelled validation images, same layout: real accuracy on the card")
     parser.add_argument("--device", default=None, help="auto | cpu | cuda | cuda:N (config key device)")
+    parser.add_argument("--folds", type=int, default=0, metavar="K",
+                        help="also estimate the student's accuracy by K-fold cross-validation over your "
+                             "labelled images (K more students to train; 0: off)")
 
 
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
-    out = fit(args.data_dir, args.out, args.config, overrides, args.unlabeled, args.val)
+    if args.folds == 1 or args.folds < 0:
+        raise TintError(f"--folds {args.folds}: give 0 (off) or K >= 2")
+    out = fit(args.data_dir, args.out, args.config, overrides, args.unlabeled, args.val, args.folds)
     from tint.io import read_json
 
     labels = read_json(out / LABELS_FILE)

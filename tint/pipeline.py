@@ -33,7 +33,7 @@ import logging
 import random
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
@@ -215,14 +215,20 @@ def plan_units(ctx: RunContext, episodes: list[EpisodeData]) -> list[Unit]:
                 units.append(Unit("specialize", e, c))
                 units.append(Unit("generate", e, c, needs=(unit_id("specialize", e, c),)))
                 generated.append(units[-1].id)
-        units.append(Unit("label-base", e, needs=(teacher_id,)))
-        if synthetic:
-            units.append(Unit("pseudo-label", e, needs=(teacher_id, unit_id("label-base", e), *generated)))
+        online = ctx.config.distill.consistent  # the teacher labels each batch: no label stages
+        if not online:
+            units.append(Unit("label-base", e, needs=(teacher_id,)))
+            if synthetic:
+                units.append(Unit("pseudo-label", e, needs=(teacher_id, unit_id("label-base", e), *generated)))
         students = []
         for s, student in enumerate(ctx.config.students):
-            labels = "pseudo-label" if synthetic and "synthetic" in student_sources(ctx, student) else "label-base"
+            reads_synthetic = synthetic and "synthetic" in student_sources(ctx, student)
+            if online:
+                needs = (teacher_id, *(generated if reads_synthetic else ()))
+            else:
+                needs = (unit_id("pseudo-label" if reads_synthetic else "label-base", e),)
             for r in range(ctx.config.distill.repeats):
-                units.append(Unit("distill", e, s, r, needs=(unit_id(labels, e),)))
+                units.append(Unit("distill", e, s, r, needs=needs))
                 students.append(units[-1].id)
         units.append(Unit("evaluate", e, needs=(teacher_id, *students)))
         if ctx.config.export.enabled:
@@ -741,13 +747,19 @@ NOT_IN_DISTILL_KEY = ("device", "repeats", "progress")  # execution only
 
 def distill_key(ctx: RunContext, episode: EpisodeData, s: int, repeat: int = 0) -> dict:
     """Keyed on what the student reads: base labels only, or base + synthetic labels."""
+    from tint.students.distill import trajectory_settings
+
     student_cfg = ctx.config.students[s]
     config = distill_config(ctx, episode, student_cfg, repeat)
+    settings = {k: v for k, v in trajectory_settings(config).items() if k not in NOT_IN_DISTILL_KEY}
+    if config.consistent:  # labelled online: keyed on the teacher and the images themselves
+        synthetic = pseudo_label_key(ctx, episode)["synthetic"] if "synthetic" in config.sources else []
+        return {"teacher": teacher_key(ctx), "synthetic": synthetic, "arch": student_cfg.arch,
+                "distill": settings, "episode": episode.key}
     if "synthetic" in config.sources:
         labels = "pseudo/" + stable_hash(pseudo_label_key(ctx, episode))
     else:
         labels = "pseudo-base/" + stable_hash(base_labels_key(ctx, episode))
-    settings = {k: v for k, v in asdict(config).items() if k not in NOT_IN_DISTILL_KEY}
     return {"labels": labels, "arch": student_cfg.arch, "distill": settings, "episode": episode.key}
 
 
@@ -762,16 +774,17 @@ def distill(ctx: RunContext, episode: EpisodeData, s: int, repeat: int = 0) -> d
         from tint.students import create_student
         from tint.students.distill import distill as distill_loop
 
-        sources = _distill_sources(ctx, episode, config.sources)
+        sources = _distill_sources(ctx, episode, config.sources, online=config.consistent)
         query = _query_tensor(ctx, episode)
         student = create_student(student_cfg.arch, episode.n_way, image_size=ctx.config.data.resolution)
+        teacher = online_teacher(ctx, episode, config.teacher_size) if config.consistent else None
         hook = ctx.hooks.get("distill-step")
         result = distill_loop(
             student, sources, config, f, eval_fn=lambda m: _accuracy(m, *query),
             progress=True, on_step=(lambda step, loss: hook(label, step, loss)) if hook else None,
             student_meta={"arch": student_cfg.arch, "num_classes": episode.n_way,
                           "image_size": ctx.config.data.resolution, "classes": episode.classes},
-            precision=ctx.precision,
+            precision=ctx.precision, teacher=teacher,
         )
         curve = [[e["step"], e["accuracy"]] for e in result.history if "accuracy" in e]
         return {"weights": result.final_path.name, "curve": curve}
@@ -779,8 +792,10 @@ def distill(ctx: RunContext, episode: EpisodeData, s: int, repeat: int = 0) -> d
     return run_stage(ctx, "distill", ctx.store / "distill" / stable_hash(key), key, label, work)
 
 
-def _distill_sources(ctx: RunContext, episode: EpisodeData, wanted: tuple[str, ...]) -> dict:
-    from tint.io import load_tensors
+def _distill_sources(ctx: RunContext, episode: EpisodeData, wanted: tuple[str, ...],
+                     online: bool = False) -> dict:
+    """The student's sources: supports with their labels; base and synthetic images with
+    the pseudo-label stages' probabilities, or unlabelled when the teacher is `online`."""
     from tint.students.distill import DistillSource
 
     sources = {}
@@ -788,17 +803,32 @@ def _distill_sources(ctx: RunContext, episode: EpisodeData, wanted: tuple[str, .
         items, targets = episode.support_items()
         sources["support"] = DistillSource(torch.tensor(targets), images=ctx.dataset.load_tensor(items))
     if "synthetic" in wanted:
-        pseudo_label(ctx, episode)
-        folder = ctx.store / "pseudo" / stable_hash(pseudo_label_key(ctx, episode))
-        labels = load_tensors(folder / "pseudo_labels.safetensors")[0]
         flat = [p for paths in synthetic_paths(ctx, episode) for p in paths]
         if flat:
-            sources["synthetic"] = DistillSource(labels["synthetic"], images=_load_generated(ctx)(flat))
+            labels = None if online else _stored_labels(ctx, episode, "synthetic")
+            sources["synthetic"] = DistillSource(labels, images=_load_generated(ctx)(flat))
     if "base" in wanted and episode.base:
-        folder = ctx.store / "pseudo-base" / stable_hash(base_labels_key(ctx, episode))
-        base = load_tensors(folder / label_base(ctx, episode)["labels"])[0]["probs"]
-        sources["base"] = DistillSource(base, images=_base_tensor(ctx))
+        labels = None if online else _stored_labels(ctx, episode, "base")
+        sources["base"] = DistillSource(labels, images=_base_tensor(ctx))
     return sources
+
+
+def _stored_labels(ctx: RunContext, episode: EpisodeData, source: str) -> torch.Tensor:
+    """The pseudo-label stages' teacher probabilities of the base or synthetic images."""
+    from tint.io import load_tensors
+
+    if source == "synthetic":
+        pseudo_label(ctx, episode)
+        folder = ctx.store / "pseudo" / stable_hash(pseudo_label_key(ctx, episode))
+        return load_tensors(folder / "pseudo_labels.safetensors")[0]["synthetic"]
+    folder = ctx.store / "pseudo-base" / stable_hash(base_labels_key(ctx, episode))
+    return load_tensors(folder / label_base(ctx, episode)["labels"])[0]["probs"]
+
+
+def online_teacher(ctx: RunContext, episode: EpisodeData, size: int | None):
+    """The episode's fitted teacher as a function of a batch (consistent recipe)."""
+    items, labels = episode.support_items()
+    return fitted_teacher(ctx, episode).online(ctx.dataset.load_tensor(items), torch.tensor(labels), size)
 
 
 def _base_tensor(ctx: RunContext) -> torch.Tensor:
@@ -836,7 +866,28 @@ def evaluation_key(ctx: RunContext, episode: EpisodeData) -> dict:
     for s, student in enumerate(ctx.config.students):
         names = [f.name for f in student_folders(ctx, episode, s)]
         students[student.name] = names[0] if len(names) == 1 else names
-    return {"teacher": teacher_key(ctx), "students": students, "episode": episode.key}
+    key = {"teacher": teacher_key(ctx), "students": students, "episode": episode.key}
+    if ctx.config.distill.consistent:  # + the online teacher's own accuracy (its size, precision)
+        key["online_teacher"] = {"size": ctx.config.distill.teacher_size, "bf16": ctx.config.distill.bf16}
+    return key
+
+
+ONLINE_TEACHER = "teacher-online"  # the consistent recipe's teacher, as the student saw it
+
+
+def online_teacher_accuracy(ctx: RunContext, episode: EpisodeData, images: torch.Tensor,
+                            labels: torch.Tensor) -> float:
+    """Query accuracy of the teacher at `distill.teacher_size` in the student's precision:
+    the teacher a consistent student learnt from (the gap to it is what distillation lost)."""
+    from tint.students.distill import teacher_probabilities
+
+    config = ctx.config.distill
+    teacher = online_teacher(ctx, episode, config.teacher_size)
+    device_config = replace(config, device=str(ctx.device))
+    predictions = torch.cat([teacher_probabilities(teacher, images[i:i + 256].to(ctx.device), device_config,
+                                                   ctx.precision).argmax(1).cpu()
+                             for i in range(0, len(images), 256)])
+    return float((predictions == labels).float().mean())
 
 
 def evaluate(ctx: RunContext, episode: EpisodeData) -> dict:
@@ -852,6 +903,8 @@ def evaluate(ctx: RunContext, episode: EpisodeData) -> dict:
         items, _ = episode.query_items()
         accuracy = {"teacher": float((model.predict_proba(images, ids=items).argmax(1).cpu() == labels)
                                      .float().mean())}
+        if ctx.config.distill.consistent:
+            accuracy[ONLINE_TEACHER] = online_teacher_accuracy(ctx, episode, images, labels)
         curves, repeats = {}, {}
         for s, student in enumerate(ctx.config.students):
             scores = []

@@ -78,6 +78,8 @@ def summary_lines(results: dict) -> list[str]:
 
 
 def _label(model: str) -> str:
+    if model == "teacher-online":
+        return "teacher (online, as the consistent students saw it)"
     return "teacher" if model == "teacher" else f"student {model}"
 
 
@@ -132,7 +134,7 @@ def _timing_section(results: dict, figures: Path) -> str:
 
 def _plot_curves(results: dict, figures: Path) -> Path | None:
     """Mean query accuracy over iterations per student, per-episode curves faint."""
-    students = [m for m in results["models"] if m != "teacher"]
+    students = [m for m in results["models"] if not m.startswith("teacher")]
     if not any(ep.get("curves", {}).get(s) for ep in results["episodes"] for s in students):
         return None
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -21,7 +21,8 @@ def collect_results(ctx: Any, episodes: list, evaluations: list[dict]) -> dict:
     from tint.evaluation.stats import mean_ci
 
     config = ctx.config
-    models = ["teacher"] + [s.name for s in config.students]
+    online = ["teacher-online"] if config.distill.consistent else []  # tint.pipeline.ONLINE_TEACHER
+    models = ["teacher", *online] + [s.name for s in config.students]
     rows = []
     for episode, evaluation in zip(episodes, evaluations, strict=True):
         support_png = read_json(episode.folder / DONE)["support_png"]

@@ -18,6 +18,16 @@ step in its metadata, written atomically), so a killed run resumes at the last
 checkpoint and ends with bit-identical weights to an uninterrupted run. Query accuracy
 (``eval_fn``) is logged every ``eval_every`` steps into the history and ``history.jsonl``
 (the paper's Figure 6).
+
+Two recipes (``DistillConfig.recipe``):
+
+- ``paper``: the above, on pseudo-labels computed once per image by the pseudo-label stage.
+- ``consistent`` ("a good teacher is patient and consistent", Beyer et al., CVPR 2022):
+  the frozen teacher labels, at every step, exactly the augmented and *mixed* batch the
+  student sees (``mix_batch``: mixup or cutmix across every transfer image: base,
+  synthetic and support), KL at the temperature on those views plus CE on augmented
+  support views, on a cosine schedule with warmup. The teacher is a function of a batch
+  (``Teacher``), run under ``torch.inference_mode`` in the student's precision.
 """
 
 from __future__ import annotations
@@ -31,6 +41,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,6 +54,13 @@ from tint.io import DamagedFileError, load_tensors, save_tensors, write_json, wr
 log = logging.getLogger(__name__)
 
 SOURCE_NAMES = ("base", "synthetic", "support")
+RECIPES = ("paper", "consistent")
+MIXES = ("cutmix", "mixup", "none")
+# Settings that only the consistent recipe reads: left out of a paper student's key and
+# checkpoint fingerprint, so that every paper result keeps its key.
+CONSISTENT_ONLY = ("recipe", "mix", "mix_alpha", "teacher_size", "warmup", "feature_weight")
+# [B,3,H,W] images in [0,1] -> [B,N] teacher probabilities (frozen; no gradient).
+Teacher = Callable[[torch.Tensor], torch.Tensor]
 CHECKPOINT_NAME = "checkpoint.safetensors"
 FINAL_NAME = "student.safetensors"
 HISTORY_NAME = "history.jsonl"
@@ -77,6 +95,16 @@ class DistillConfig:
     # Students per episode with different initialisation seeds, accuracies averaged per
     # episode (the pipeline trains them; not part of one student's key).
     repeats: int = 1
+    # The recipe (module docstring). The fields below it are read by `consistent` only.
+    recipe: str = "paper"
+    mix: str = "cutmix"  # mixing across the transfer batch: cutmix | mixup | none
+    mix_alpha: float = 1.0  # mixing weight ~ Beta(mix_alpha, mix_alpha), one per batch
+    teacher_size: int | None = None  # online teacher input side in px (None: its own)
+    warmup: int = 0  # linear lr warmup steps before the cosine decay
+    # + weight x (1 - cos) between the student's features (through a linear projection,
+    # trained with it, not exported) and the teacher's on the same views: many more numbers
+    # per image than N class probabilities (FitNets-style feature matching); 0: off
+    feature_weight: float = 0.0
 
     def __post_init__(self) -> None:
         self.sources = tuple(self.sources)
@@ -91,9 +119,31 @@ class DistillConfig:
                 raise TintError(f"distill.{name} must be >= 1, got {getattr(self, name)}")
         if self.temperature <= 0:
             raise TintError(f"distill.temperature must be > 0, got {self.temperature}")
+        if self.recipe not in RECIPES:
+            raise TintError(f"distill.recipe: {self.recipe!r} is not a recipe; choose from {list(RECIPES)}")
+        if self.mix not in MIXES:
+            raise TintError(f"distill.mix: {self.mix!r} is not a mixing; choose from {list(MIXES)}")
+        if self.mix_alpha <= 0:
+            raise TintError(f"distill.mix_alpha must be > 0, got {self.mix_alpha}")
+        if self.teacher_size is not None and self.teacher_size < 8:
+            raise TintError(f"distill.teacher_size must be >= 8 px (or null), got {self.teacher_size}")
+        if self.warmup < 0:
+            raise TintError(f"distill.warmup must be >= 0, got {self.warmup}")
+        if self.feature_weight < 0:
+            raise TintError(f"distill.feature_weight must be >= 0, got {self.feature_weight}")
+
+    @property
+    def consistent(self) -> bool:
+        return self.recipe == "consistent"
 
     def lr_at(self, step: int) -> float:
-        """Learning rate used for (0-based) `step`."""
+        """Learning rate used for (0-based) `step`: the paper's step drop, or for
+        `consistent` a linear warmup then a cosine decay to 0 at `iterations`."""
+        if self.consistent:
+            if step < self.warmup:
+                return self.lr * (step + 1) / self.warmup
+            span = max(self.iterations - self.warmup, 1)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * (step - self.warmup) / span))
         if self.lr_drop_at is not None and step >= self.lr_drop_at:
             return self.lr * self.lr_drop_factor
         return self.lr
@@ -103,19 +153,26 @@ class DistillConfig:
 class DistillSource:
     """Images of one source with their targets.
 
-    ``targets``: int64 ``[M]`` hard labels (trained with cross-entropy) or float ``[M, N]``
-    teacher probabilities (trained with KL divergence). Images either in memory
-    (``images`` ``[M,3,H,W]`` in [0,1]) or loaded on demand by ``load(indices)`` for sets
-    too large for memory (e.g. ``lambda idx: dataset.load_tensor([items[i] for i in idx])``).
+    ``targets``: int64 ``[M]`` hard labels (trained with cross-entropy), float ``[M, N]``
+    teacher probabilities (trained with KL divergence), or None: unlabelled images, which
+    only the `consistent` recipe reads (its teacher labels them online). Images either in
+    memory (``images`` ``[M,3,H,W]`` in [0,1]) or loaded on demand by ``load(indices)`` for
+    sets too large for memory (e.g. ``lambda idx: dataset.load_tensor([items[i] for i in
+    idx])``; an unlabelled loaded source gives its size as ``count``).
     """
 
-    targets: torch.Tensor
+    targets: torch.Tensor | None
     images: torch.Tensor | None = None
     load: Callable[[list[int]], torch.Tensor] | None = None
+    count: int | None = None
 
     def __post_init__(self) -> None:
         if (self.images is None) == (self.load is None):
             raise TintError("DistillSource needs exactly one of `images` or `load`")
+        if self.targets is None:
+            if self.images is None and self.count is None:
+                raise TintError("DistillSource: unlabelled images loaded on demand need `count`")
+            return
         if self.images is not None and len(self.images) != len(self.targets):
             raise TintError(f"DistillSource: {len(self.images)} images but "
                             f"{len(self.targets)} targets")
@@ -123,16 +180,21 @@ class DistillSource:
             raise TintError("DistillSource.targets must be [M] labels or [M, N] probabilities")
 
     def __len__(self) -> int:
-        return len(self.targets)
+        if self.targets is not None:
+            return len(self.targets)
+        return len(self.images) if self.images is not None else int(self.count or 0)
 
     @property
     def is_soft(self) -> bool:
-        return self.targets.dim() == 2
+        return self.targets is not None and self.targets.dim() == 2
 
-    def fetch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.images is not None:
-            return self.images[indices], self.targets[indices]
-        return self.load(indices.tolist()), self.targets[indices]
+    @property
+    def is_labelled(self) -> bool:
+        return self.targets is not None
+
+    def fetch(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        images = self.images[indices] if self.images is not None else self.load(indices.tolist())
+        return images, None if self.targets is None else self.targets[indices]
 
 
 @dataclass
@@ -240,6 +302,28 @@ def random_resized_crop_flip(x: torch.Tensor, generator: torch.Generator,
     return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
+def mix_batch(x: torch.Tensor, seed: int, step: int, mode: str = "cutmix",
+              alpha: float = 1.0) -> torch.Tensor:
+    """Mix every image with another of the batch (a seeded permutation): mixup blends the
+    pixels, cutmix pastes a box of the partner. One weight per batch, ~ Beta(alpha, alpha),
+    drawn from (seed, step) so a resumed run mixes exactly as an uninterrupted one. No
+    labels are mixed: the consistent recipe's teacher labels the mixed pixels themselves."""
+    if mode == "none" or len(x) < 2:
+        return x
+    rng = np.random.default_rng(step_seed(seed, "mix", step))
+    lam = float(rng.beta(alpha, alpha))
+    perm = torch.randperm(len(x), generator=step_generator(seed, "mix-perm", step)).to(x.device)
+    if mode == "mixup":
+        return lam * x + (1 - lam) * x[perm]
+    h, w = x.shape[-2:]
+    cut_h, cut_w = round(h * math.sqrt(1 - lam)), round(w * math.sqrt(1 - lam))
+    top = int(rng.integers(0, h - cut_h + 1))
+    left = int(rng.integers(0, w - cut_w + 1))
+    mixed = x.clone()
+    mixed[..., top:top + cut_h, left:left + cut_w] = x[perm][..., top:top + cut_h, left:left + cut_w]
+    return mixed
+
+
 # --------------------------------------------------------------------------- loss
 
 
@@ -315,10 +399,22 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     return meta
 
 
-def config_fingerprint(config: DistillConfig) -> str:
-    """Settings that change the trajectory step by step (a run may be extended)."""
+def trajectory_settings(config: DistillConfig) -> dict:
+    """The settings a student depends on. A paper student's omit the consistent recipe's
+    fields, so that its key is the one it had before the recipes existed."""
     fields = asdict(config)
-    for key in ("iterations", "eval_every", "checkpoint_every", "log_every", "device"):
+    if not config.consistent:
+        for key in CONSISTENT_ONLY:
+            fields.pop(key)
+    return fields
+
+
+def config_fingerprint(config: DistillConfig) -> str:
+    """Settings that change the trajectory step by step (a paper run may be extended; a
+    consistent one may not: its cosine schedule spans `iterations`)."""
+    fields = trajectory_settings(config)
+    dropped = ("eval_every", "checkpoint_every", "log_every", "device")
+    for key in dropped if config.consistent else ("iterations", *dropped):
         fields.pop(key)
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -358,24 +454,17 @@ def _autocast(config: DistillConfig, precision: str):
 def train_step(student: nn.Module, optimizer: torch.optim.Optimizer,
                sources: dict[str, DistillSource], names: Sequence[str],
                config: DistillConfig, step: int, precision: str = "fp32",
-               scaler: torch.amp.GradScaler | None = None) -> float:
+               scaler: torch.amp.GradScaler | None = None, teacher: Teacher | None = None,
+               projector: nn.Module | None = None) -> float:
     """One SGD step of (0-based) `step`; returns the loss. `precision` is the forward pass's
-    autocast ("fp32": none); `scaler` does fp16 loss scaling."""
-    batch = compose_batch(sources, names, config.batch_size, config.seed, step)
-    images = torch.cat([batch[n][0] for n in names]).to(config.device)
-    if config.augment:
-        images = random_resized_crop_flip(images, step_generator(config.seed, "augment", step),
-                                          config.crop_scale, config.crop_ratio)
-    if config.channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
+    autocast ("fp32": none); `scaler` does fp16 loss scaling; `teacher` labels the batch
+    online (the consistent recipe); `projector` maps student to teacher features."""
     for group in optimizer.param_groups:
         group["lr"] = config.lr_at(step)
-    with _autocast(config, precision):
-        logits_all = student(images)
-    sizes = [len(batch[n][0]) for n in names]
-    logits = dict(zip(names, torch.split(logits_all.float(), sizes), strict=True))
-    targets = {n: batch[n][1].to(config.device) for n in names}
-    loss = distillation_loss(logits, targets, config.temperature)
+    if config.consistent:
+        loss = consistent_loss(student, sources, names, config, step, precision, teacher, projector)
+    else:
+        loss = paper_loss(student, sources, names, config, step, precision)
     optimizer.zero_grad(set_to_none=True)
     if torch.isfinite(loss):
         if scaler is None:
@@ -386,6 +475,102 @@ def train_step(student: nn.Module, optimizer: torch.optim.Optimizer,
             scaler.step(optimizer)  # skips the step when fp16 gradients overflowed
             scaler.update()
     return float(loss.detach())
+
+
+def augmented_batch(sources: dict[str, DistillSource], names: Sequence[str], config: DistillConfig,
+                    step: int) -> tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor | None]]]:
+    """Batch `step`'s images (on the device, augmented) and its parts per source."""
+    batch = compose_batch(sources, names, config.batch_size, config.seed, step)
+    images = torch.cat([batch[n][0] for n in names]).to(config.device)
+    if config.augment:
+        images = random_resized_crop_flip(images, step_generator(config.seed, "augment", step),
+                                          config.crop_scale, config.crop_ratio)
+    return images, batch
+
+
+def _student_logits(student: nn.Module, images: torch.Tensor, config: DistillConfig,
+                    precision: str) -> torch.Tensor:
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    with _autocast(config, precision):
+        return student(images).float()
+
+
+def paper_loss(student: nn.Module, sources: dict[str, DistillSource], names: Sequence[str],
+               config: DistillConfig, step: int, precision: str) -> torch.Tensor:
+    """CE on hard labels, KL to the stored pseudo-labels, on one augmented batch."""
+    images, batch = augmented_batch(sources, names, config, step)
+    sizes = [len(batch[n][0]) for n in names]
+    logits = dict(zip(names, torch.split(_student_logits(student, images, config, precision), sizes),
+                      strict=True))
+    targets = {n: batch[n][1].to(config.device) for n in names}
+    return distillation_loss(logits, targets, config.temperature)
+
+
+def consistent_views(sources: dict[str, DistillSource], names: Sequence[str], config: DistillConfig,
+                     step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mixed views of every transfer image, augmented support views, their labels): what the
+    student sees at `step`. The teacher labels exactly the first tensor."""
+    images, batch = augmented_batch(sources, names, config, step)
+    hard = torch.cat([torch.full((len(batch[n][0]),), batch[n][1] is not None and batch[n][1].dim() == 1)
+                      for n in names]).to(images.device)
+    labels = torch.cat([batch[n][1] for n in names if batch[n][1] is not None and batch[n][1].dim() == 1]
+                       or [torch.zeros(0, dtype=torch.long)]).to(images.device)
+    mixed = mix_batch(images, config.seed, step, config.mix, config.mix_alpha)
+    return mixed, images[hard], labels
+
+
+def teacher_probabilities(teacher: Teacher, images: torch.Tensor, config: DistillConfig,
+                          precision: str) -> torch.Tensor:
+    """The frozen teacher on a batch: no autograd, the student's autocast, float32 out."""
+    with torch.inference_mode(), _autocast(config, precision):
+        probs = teacher(images).float()
+    return probs.clone()  # a normal tensor: inference tensors cannot enter the loss graph
+
+
+def teacher_features_and_probabilities(teacher, images: torch.Tensor, config: DistillConfig,
+                                       precision: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """As `teacher_probabilities`, with the teacher's features of the same views."""
+    with torch.inference_mode(), _autocast(config, precision):
+        feats, probs = teacher.features_and_probabilities(images)
+    return feats.float().clone(), probs.float().clone()
+
+
+def feature_matching_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor,
+                          projector: nn.Module) -> torch.Tensor:
+    """Mean (1 - cosine) between projected student features and the teacher's."""
+    projected = projector(student_feats.float())
+    return (1 - F.cosine_similarity(projected, teacher_feats, dim=1)).mean()
+
+
+def consistent_loss(student: nn.Module, sources: dict[str, DistillSource], names: Sequence[str],
+                    config: DistillConfig, step: int, precision: str,
+                    teacher: Teacher | None, projector: nn.Module | None = None) -> torch.Tensor:
+    """KL to the teacher on the same mixed views (one student pass for views + supports),
+    plus feature matching on those views when a `projector` is given."""
+    if teacher is None:
+        raise TintError("distill.recipe=consistent needs the teacher online; none was given")
+    mixed, support, labels = consistent_views(sources, names, config, step)
+    images = torch.cat([mixed, support])
+    if config.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    if projector is None:
+        probs = teacher_probabilities(teacher, mixed, config, precision)
+        with _autocast(config, precision):
+            logits = student(images).float()
+    else:
+        teacher_feats, probs = teacher_features_and_probabilities(teacher, mixed, config, precision)
+        with _autocast(config, precision):
+            feats = student.embed(images)
+            logits = student.head(feats).float()
+    parts = {"transfer": logits[: len(mixed)]}
+    targets = {"transfer": probs}
+    if len(support):
+        parts["support"], targets["support"] = logits[len(mixed):], labels
+    loss = distillation_loss(parts, targets, config.temperature)
+    if projector is not None:
+        loss = loss + config.feature_weight * feature_matching_loss(feats[: len(mixed)], teacher_feats, projector)
+    return loss
 
 
 def query_accuracy(images: torch.Tensor, labels: torch.Tensor,
@@ -415,7 +600,8 @@ def _evaluate(student: nn.Module, eval_fn: Callable[[nn.Module], float]) -> floa
 def distill(student: nn.Module, sources: dict[str, DistillSource], config: DistillConfig,
             run_dir: str | Path, eval_fn: Callable[[nn.Module], float] | None = None,
             progress: bool = True, on_step: Callable[[int, float], None] | None = None,
-            student_meta: dict | None = None, precision: str = "fp32") -> DistillResult:
+            student_meta: dict | None = None, precision: str = "fp32",
+            teacher: Teacher | None = None) -> DistillResult:
     """Train `student` in place on `sources`; resumable from ``run_dir/checkpoint.safetensors``.
 
     ``eval_fn(student) -> accuracy`` (called in eval mode under no_grad) is logged every
@@ -426,24 +612,28 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
     ``load_student`` / ``tint export`` can rebuild the model. ``precision`` ("fp32", "bf16",
     "fp16"; tint.devices) is the forward pass's autocast: execution only, like
     ``config.device``, so it is in neither the checkpoint fingerprint nor a key (weights,
-    optimizer state and loss stay float32; fp16 adds loss scaling on CUDA).
+    optimizer state and loss stay float32; fp16 adds loss scaling on CUDA). ``teacher``
+    (images -> probabilities) is required by ``config.recipe == "consistent"``.
     Raises TintError on a non-finite loss, keeping the last checkpoint.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     names = enabled_sources(sources, config)
+    check_recipe_inputs(sources, names, config, teacher)
     for n in names:
         if n == "support" and sources[n].is_soft:
             log.info("distill: support source has soft targets: trained with KL")
     student.to(config.device)
     if config.channels_last:
         student.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(student.parameters(), lr=config.lr, momentum=config.momentum,
+    projector = feature_projector(student, teacher, config)
+    trainable = student if projector is None else nn.ModuleDict({"student": student, "projector": projector})
+    optimizer = torch.optim.SGD(trainable.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     fingerprint = config_fingerprint(config)
     ckpt_path = run_dir / CHECKPOINT_NAME
     history_path = run_dir / HISTORY_NAME
-    start = _resume(ckpt_path, student, optimizer, fingerprint)
+    start = _resume(ckpt_path, trainable, optimizer, fingerprint)
     if start > config.iterations:
         raise TintError(f"{ckpt_path}: checkpoint is at step {start}, beyond "
                         f"distill.iterations={config.iterations}; raise iterations or delete it")
@@ -458,7 +648,7 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
                initial=start, total=config.iterations)
     for step in bar:
         loss = train_step(student, optimizer, sources, names, config, step, precision,
-                          scaler if scaler.is_enabled() else None)
+                          scaler if scaler.is_enabled() else None, teacher, projector)
         done = step + 1
         if not math.isfinite(loss):
             kept = f"last checkpoint kept: {ckpt_path} (step {_saved_step(ckpt_path)})"
@@ -471,7 +661,7 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
             history.append(entry)
             append_history(history_path, entry)
         if done % config.checkpoint_every == 0 or done == config.iterations:
-            save_checkpoint(ckpt_path, student, optimizer, done, {"fingerprint": fingerprint})
+            save_checkpoint(ckpt_path, trainable, optimizer, done, {"fingerprint": fingerprint})
         bar.set_postfix(loss=f"{loss:.4f}")
         if on_step is not None:
             on_step(done, loss)
@@ -480,6 +670,30 @@ def distill(student: nn.Module, sources: dict[str, DistillSource], config: Disti
     final_path = run_dir / FINAL_NAME
     save_student(final_path, student, {"step": config.iterations, **(student_meta or {})})
     return DistillResult(history=history, final_path=final_path, resumed_from=start)
+
+
+def feature_projector(student: nn.Module, teacher, config: DistillConfig) -> nn.Module | None:
+    """The linear map student features -> teacher features of feature matching (or None)."""
+    if not (config.consistent and config.feature_weight > 0):
+        return None
+    if not hasattr(teacher, "features_and_probabilities") or not hasattr(student, "embed"):
+        raise TintError("distill.feature_weight > 0 needs a teacher with features (pmf) and a tint "
+                        "student; set it to 0")
+    return nn.Linear(student.feature_dim, teacher.feature_dim).to(config.device)
+
+
+def check_recipe_inputs(sources: dict[str, DistillSource], names: Sequence[str],
+                        config: DistillConfig, teacher: Teacher | None) -> None:
+    """Before step 0: the paper recipe needs a target for every image, consistent a teacher."""
+    if config.consistent:
+        if teacher is None:
+            raise TintError("distill.recipe=consistent labels every batch with the teacher online, "
+                            "but no teacher was given")
+        return
+    unlabelled = [n for n in names if not sources[n].is_labelled]
+    if unlabelled:
+        raise TintError(f"distill: sources {unlabelled} have no labels; the paper recipe needs "
+                        "pseudo-labels (or use distill.recipe=consistent)")
 
 
 def _resume(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,

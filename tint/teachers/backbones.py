@@ -47,14 +47,17 @@ class FeatureBackbone(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def forward(self, x01: torch.Tensor) -> torch.Tensor:
+    def forward(self, x01: torch.Tensor, size: int | None = None) -> torch.Tensor:
+        """Features of [0,1] images resized to `size` px (None: the pretraining size; a
+        smaller one is cheaper, e.g. for an online teacher: benchmarks/teacher_input_size.py)."""
         if x01.dim() != 4 or x01.shape[1] != 3:
             raise TintError(f"teacher backbone {self.name}: expected images [B,3,H,W], "
                             f"got shape {tuple(x01.shape)}")
-        if x01.shape[-2:] != (self.input_size, self.input_size):
+        size = size or self.input_size
+        if x01.shape[-2:] != (size, size):
             # Pretrained networks see objects at the scale they were trained on; small
             # few-shot images (84 px) are upsampled rather than fed at their own size.
-            x01 = F.interpolate(x01, size=(self.input_size, self.input_size), mode="bilinear",
+            x01 = F.interpolate(x01, size=(size, size), mode="bilinear",
                                 align_corners=False, antialias=True)
         x = (x01 - self.mean) / self.std
         return self._features_fn(self.network, x)
@@ -65,7 +68,9 @@ def _efficientnet_features(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def vit_cls_features(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    return network(pixel_values=x).last_hidden_state[:, 0]
+    # another input size than pretraining (an online teacher's): interpolated positions
+    other_size = x.shape[-1] != network.config.image_size
+    return network(pixel_values=x, interpolate_pos_encoding=other_size).last_hidden_state[:, 0]
 
 
 def load_efficientnet_lite0(input_size: int = 224) -> FeatureBackbone:

@@ -11,7 +11,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -136,6 +136,14 @@ class LabelHallucTeacher:
             raise TintError("teacher: call fit(support, labels) before predict_proba")
         probs = self._classifier.predict_proba(self.features(x, ids).numpy())
         return torch.from_numpy(probs).float()
+
+    def online(self, support: torch.Tensor, labels: torch.Tensor,
+               size: int | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The fitted teacher as a function of a batch (consistent distillation). Its network
+        is the student's architecture at the data's resolution, so `size` is not used."""
+        if self._classifier is None:
+            raise TintError("teacher: call fit(support, labels) before online()")
+        return lambda x: self.predict_proba(x).to(x.device)
 
     def accuracy(self, x: torch.Tensor, labels: torch.Tensor) -> float:
         return float((self.predict_proba(x).argmax(1) == labels).float().mean())

@@ -221,6 +221,18 @@ class ProtoNetTeacher(nn.Module):
         feats = self.features(x, None if self._pre_finetune is not None else ids)
         return cosine_logits(feats, self._protos_or_raise(), self.scale.cpu()).softmax(dim=1)
 
+    @torch.no_grad()
+    def online(self, support: torch.Tensor, labels: torch.Tensor, size: int | None = None) -> OnlineProtoNet:
+        """The teacher as a function of a batch (the consistent distillation recipe):
+        prototypes of `support` and every batch at `size` px (None: the backbone's own),
+        nothing cached (each view is new), on the teacher's device. Call ``fit`` first when
+        support fine-tuning is on: the function uses the backbone as it is now."""
+        self.eval()
+        labels = labels.long()
+        protos = prototypes(self.backbone(support.to(self.device), size).float(), labels.to(self.device),
+                            int(labels.max()) + 1)
+        return OnlineProtoNet(self.backbone, protos, self.scale.detach(), size)
+
     def accuracy(self, x: torch.Tensor, labels: torch.Tensor) -> float:
         """Accuracy on labelled images (the episode's queries)."""
         return float((self.predict_proba(x).argmax(1) == labels).float().mean())
@@ -270,6 +282,22 @@ class ProtoNetTeacher(nn.Module):
         except RuntimeError as err:
             raise TintError(f"{path}: weights do not fit this teacher ({err})") from err
         self.clear_cache()
+
+
+class OnlineProtoNet:
+    """A fitted, frozen ProtoNet as a function of a batch: probabilities, or features too."""
+
+    def __init__(self, backbone: FeatureBackbone, protos: torch.Tensor, scale: torch.Tensor,
+                 size: int | None) -> None:
+        self.backbone, self.protos, self.scale, self.size = backbone, protos, scale, size
+        self.feature_dim = backbone.feature_dim
+
+    def features_and_probabilities(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        feats = self.backbone(x.to(self.protos.device), self.size).float()
+        return feats, cosine_logits(feats, self.protos, self.scale).softmax(1)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features_and_probabilities(x)[1]
 
 
 # --------------------------------------------------------------------------- meta-training
