@@ -646,12 +646,12 @@ def fit(data_dir: str | Path, out: str | Path, config: str | Path | None = None,
     check_images_decode(images)
     work = out.resolve() / "work"  # keys never see it (data.dataset_key), logs and markers do
     cfg = load_fit_config(config, overrides, work, unlabeled)
-    with claim_model_folder(out, fit_identity(images, cfg, unlabeled, val_images)):
-        return _fit_claimed(out, work, images, cfg, unlabeled, val_images, start)
+    with claim_model_folder(out, fit_identity(images, cfg, unlabeled, val_images, folds)):
+        return _fit_claimed(out, work, images, cfg, unlabeled, val_images, start, folds)
 
 
 def fit_identity(images: LabelledImages, cfg, unlabeled: Path | None,
-                 val: LabelledImages | None) -> dict:
+                 val: LabelledImages | None, folds: int = 0) -> dict:
     """What a fit computes, for the model folder's lock: a second fit of the same identity
     waits for the first, one of another identity is refused (they would mix one folder)."""
     from tint.config import dump_config
@@ -659,11 +659,12 @@ def fit_identity(images: LabelledImages, cfg, unlabeled: Path | None,
 
     settings = dump_config(replace(cfg, run_dir=""))
     return {"data": images.sha256(), "val": val.sha256() if val is not None else None,
-            "settings": stable_hash([settings, str(unlabeled.resolve()) if unlabeled else None])}
+            "settings": stable_hash([settings, str(unlabeled.resolve()) if unlabeled else None]),
+            **({"folds": folds} if folds else {})}
 
 
 def _fit_claimed(out: Path, work: Path, images: LabelledImages, cfg, unlabeled: Path | None,
-                 val_images: LabelledImages | None, start: float) -> Path:
+                 val_images: LabelledImages | None, start: float, folds: int = 0) -> Path:
     """The fit itself, once the model folder is claimed."""
     from tint.pipeline import LOGGER, _attach_log
 
