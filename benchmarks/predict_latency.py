@@ -41,13 +41,14 @@ def make_model_dir(arch: str, size: int, folder: Path) -> Path:
 
     from tint.export import export_onnx
     from tint.io import write_json
-    from tint.predict import LABELS_FILE, labels_document
+    from tint.predict import LABELS_FILE, file_sha256, labels_document
     from tint.students import create_student
 
     torch.manual_seed(0)
     model = create_student(arch, len(CLASSES), image_size=size).eval()
     export_onnx(model, folder / "model.onnx", size)
-    write_json(folder / LABELS_FILE, labels_document(CLASSES, size, arch=arch))
+    write_json(folder / LABELS_FILE, labels_document(CLASSES, size, arch=arch,
+                                                     model_sha256=file_sha256(folder / "model.onnx")))
     return folder
 
 

@@ -119,7 +119,11 @@ def test_a_damaged_distillation_checkpoint_is_not_resumed_from(tmp_path, caplog)
     with caplog.at_level(logging.WARNING):
         result = train(tmp_path / "run")
     assert result.resumed_from == 0
-    assert any("starting from step 0" in r.getMessage() for r in caplog.records)
+    # issue 22: the warning says what happened and that there is nothing to do (it said
+    # "delete it and run the same command again", which the loop had already done)
+    warned = [r.getMessage() for r in caplog.records if "cannot be resumed from" in r.getMessage()]
+    assert len(warned) == 1 and "from step 0; nothing to do" in warned[0]
+    assert str(checkpoint) in warned[0] and "delete it" not in warned[0]
     final = load_tensors(result.final_path)[0]
     assert all(torch.equal(reference[k], final[k]) for k in reference)
 

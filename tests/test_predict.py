@@ -18,7 +18,7 @@ from tint.cli import main
 from tint.data.images import load_image, to_tensor
 from tint.export import export_onnx
 from tint.io import write_json
-from tint.predict import LABELS_FILE, ModelSpec, Predictor, labels_document, preprocess
+from tint.predict import LABELS_FILE, ModelSpec, Predictor, file_sha256, labels_document, preprocess
 from tint.students import create_student
 
 CLASSES = ["apple", "boat", "cat"]
@@ -32,7 +32,8 @@ def model_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = create_student("conv4", len(CLASSES), image_size=SIZE).eval()
     export_onnx(model, folder / "model.onnx", SIZE)
-    write_json(folder / LABELS_FILE, labels_document(CLASSES, SIZE, arch="conv4"))
+    write_json(folder / LABELS_FILE, labels_document(CLASSES, SIZE, arch="conv4",
+                                                      model_sha256=file_sha256(folder / "model.onnx")))
     torch.save(model.state_dict(), folder / "weights.pt")  # for the torch comparison below
     return folder
 
@@ -179,3 +180,55 @@ def test_predict_path_never_imports_torch(model_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().endswith("no torch")
     assert json.loads(done.stdout.rsplit("no torch", 1)[0])[0]["file"] == str(image)
+
+
+def _copy_model(model_dir: Path, dest: Path) -> Path:
+    dest.mkdir()
+    for name in ("model.onnx", LABELS_FILE):
+        (dest / name).write_bytes((model_dir / name).read_bytes())
+    return dest
+
+
+def _edit_labels(folder: Path, edit) -> None:
+    doc = json.loads((folder / LABELS_FILE).read_text())
+    edit(doc)
+    (folder / LABELS_FILE).write_text(json.dumps(doc))
+
+
+def _reorder(doc: dict) -> None:
+    doc["classes"] = doc["classes"][::-1]
+
+
+def _flip_a_byte(folder: Path) -> None:
+    data = bytearray((folder / "model.onnx").read_bytes())
+    data[-20] ^= 0xFF  # inside the weights: onnxruntime would still load and run it
+    (folder / "model.onnx").write_bytes(bytes(data))
+
+
+def _forget_the_record(doc: dict) -> None:
+    del doc["sha256"]
+
+
+@pytest.mark.parametrize("damage, names, says", [
+    (lambda f: _edit_labels(f, _reorder), LABELS_FILE, "class list was changed"),
+    (_flip_a_byte, "model.onnx", "does not match the SHA-256"),
+    (lambda f: _edit_labels(f, _forget_the_record), LABELS_FILE, "cannot be verified"),
+    (lambda f: _edit_labels(f, lambda d: d["input"].update(size=48)), LABELS_FILE,
+     "input.size is 48"),
+], ids=["reordered-classes", "edited-model", "no-record", "input-size-mismatch"])
+def test_a_model_folder_whose_files_do_not_match_is_refused(model_dir, tmp_path, capsys, damage,
+                                                              names, says):
+    """Issue 22: an edited model.onnx, a reordered class list or a labels.json whose input size
+    is not the model's was used as it was (or was a traceback); now exit 2, one line naming
+    the file and what to do, from the command and from tint.Predictor alike."""
+    from tint.errors import TintError
+
+    folder = _copy_model(model_dir, tmp_path / "model")
+    damage(folder)
+    image = _photo(tmp_path / "x.png", (32, 32), seed=0)
+    assert main(["predict", str(folder), str(image)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert str(folder / names) in err and says in err and "tint fit" in err
+    with pytest.raises(TintError, match=says):
+        Predictor(folder)

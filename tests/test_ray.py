@@ -251,3 +251,60 @@ def test_model_folder_missing_on_the_driver_fails_before_submitting(cluster, tmp
     config.teacher.backbone = f"vit:{missing}"
     with pytest.raises(TintError, match=r"teacher.backbone: .*no-such-model does not exist on the driver"):
         ray_executor.check_model_folders(config)
+
+
+# ----------------------------------------------------------------------------- issue 22
+
+
+def test_no_cluster_at_the_address_is_a_clear_error_within_30_s(tmp_path):
+    """Issue 22: `--ray-address 127.0.0.1:1` (nothing there) retried for ever, printing only
+    Ray's log lines. Now one line, exit 2, within the default 20 s connect budget."""
+    start = time.monotonic()
+    with pytest.raises(TintError, match=r"executor.address 127.0.0.1:1: no Ray cluster answers"):
+        ray_executor.check_reachable("127.0.0.1:1")
+    assert time.monotonic() - start < 30
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{ray_executor.CONNECT_TIMEOUT_ENV: "2"})
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "tint.cli", "run", str(ROOT / "configs" / "tiny.yaml"),
+                           "--ray-address", "127.0.0.1:1", "--run-dir", str(tmp_path / "run")],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    errors = [line for line in done.stderr.splitlines() if line.startswith("tint run: error:")]
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert len(errors) == 1 and "127.0.0.1:1: no Ray cluster answers" in errors[0]
+
+
+def test_gpu_requests_follow_the_resolved_device():
+    """Issue 22: `device: auto` on a cluster without GPUs asked for GPUs no node has; now it
+    asks for none (as does `device: cpu`); an explicit cuda keeps its request."""
+    executor = tiny_config(Path("run"), "ray").executor  # teacher: 1 GPU
+    assert ray_executor.stage_resources(executor, "teacher", "auto", 1.0)["num_gpus"] == 1
+    assert ray_executor.stage_resources(executor, "teacher", "auto", 0.0)["num_gpus"] == 0
+    assert ray_executor.stage_resources(executor, "teacher", "cpu", 8.0)["num_gpus"] == 0
+    assert ray_executor.stage_resources(executor, "teacher", "cuda", 0.0)["num_gpus"] == 1
+
+
+def test_out_of_the_box_on_a_cluster_without_gpus_and_a_relative_run_dir(
+        ray_run, local_run, tmp_path, monkeypatch):
+    """Issue 22: `tint run configs/tiny.yaml --executor ray --run-dir runs/x` on a cluster
+    without GPUs was refused (every default GPU request), and with the GPUs set to 0 a
+    relative run dir failed in the report, on every rerun. Now it runs with the defaults
+    (the cluster is shown to the driver without GPUs) and ends with the local results."""
+    monkeypatch.chdir(tmp_path)
+    without_students(ray_run[0], tmp_path / "runs" / "x")
+    monkeypatch.setattr(ray_executor, "_cluster_gpus", lambda ray: 0.0)
+    tasks: list[Task] = []
+    real_drive = ray_executor.drive
+
+    def recording_drive(all_tasks, *args, **kwargs):
+        tasks.extend(all_tasks)
+        return real_drive(all_tasks, *args, **kwargs)
+
+    monkeypatch.setattr(ray_executor, "drive", recording_drive)
+    config = tmp_path / "tiny.yaml"
+    config.write_text((ROOT / "configs" / "tiny.yaml").read_text())
+    argv = ["run", str(config), "--executor", "ray", "--run-dir", "runs/x", "--set", "data.n_episodes=1",
+            "--set", "report.enabled=false", "--set", "export.onnx=false"]
+    assert tint_main(argv) == 0
+    assert tasks and all(task.resources["num_gpus"] == 0 for task in tasks)
+    assert_same_as_local(tmp_path / "runs" / "x", local_run)
+    assert tint_main(argv) == 0  # and again: everything done, the report is made again

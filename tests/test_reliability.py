@@ -148,6 +148,45 @@ def _export_truncated_weights(tmp: Path, mp) -> tuple[list[str], list[str]]:
     return ["export", str(path)], [str(path), "not a readable safetensors file"]
 
 
+def _export_other_architecture(tmp: Path, mp) -> tuple[list[str], list[str]]:
+    """Issue 22: conv4 weights whose metadata says resnet12 (a page-long load error before)."""
+    from tint.io import save_tensors
+    from tint.students import create_student
+
+    path = tmp / "student.safetensors"
+    model = create_student("conv4", 3, image_size=32)
+    save_tensors(path, model.state_dict(), {"arch": "resnet12", "num_classes": 3, "image_size": 32})
+    return ["export", str(path)], [str(path), "names a resnet12 student", "another network's"]
+
+
+def _export_damaged_student(tmp: Path, mp) -> tuple[list[str], list[str]]:
+    """Issue 22: a damaged student: the advice is to rerun the run that made it, not to
+    "delete it and run the same command again" (tint export cannot recompute its input)."""
+    from tint.students import create_student
+    from tint.students.distill import save_student
+
+    path = tmp / "student.safetensors"
+    save_student(path, create_student("conv4", 3, image_size=32))
+    data = bytearray(path.read_bytes())
+    data[-7] ^= 0x10
+    path.write_bytes(bytes(data))
+    return ["export", str(path)], [str(path), "cannot be exported", "`tint run`", "again"]
+
+
+def _duplicate_yaml_key(tmp: Path, mp) -> tuple[list[str], list[str]]:
+    """Issue 22: a key given twice was accepted (the last won)."""
+    path = tmp / "dup.yaml"
+    path.write_text("name: dup\ndistill:\n  lr: 0.1\n  iterations: 3\n  lr: 0.01\n")
+    return ["run", str(path)], [str(path), "key 'lr' appears twice", "line 3 and line 5"]
+
+
+def _ray_address_with_local_executor(tmp: Path, mp) -> tuple[list[str], list[str]]:
+    """Issue 22: --ray-address was silently ignored without --executor ray; it now implies
+    ray, and contradicting it with --executor local is an error."""
+    return (["run", "--executor", "local", "--ray-address", "127.0.0.1:1"],
+            ["--ray-address 127.0.0.1:1", "--executor local"])
+
+
 CLI_FAULTS: dict[str, Callable] = {
     "config-is-a-folder": _config_folder,
     "binary-config": _binary_config,
@@ -157,6 +196,10 @@ CLI_FAULTS: dict[str, Callable] = {
     "ctrl-c": _keyboard_interrupt,
     "export-weights-without-architecture": _export_unknown_weights,
     "export-truncated-weights": _export_truncated_weights,
+    "export-other-architecture": _export_other_architecture,
+    "export-damaged-student": _export_damaged_student,
+    "duplicate-yaml-key": _duplicate_yaml_key,
+    "ray-address-with-local-executor": _ray_address_with_local_executor,
 }
 
 
@@ -378,6 +421,10 @@ def test_second_identical_run_waits_for_the_first(tmp_path, caplog):
     for thread in threads:
         thread.join(60)
     assert (run_dir / "second.txt").read_text() == "ran" and len(waited) == 1
+    # Issue 22: said once, as a warning (shown before the run's log exists), with the holder's pid
+    says = [r for r in caplog.records if "waiting for it" in r.getMessage()]
+    assert len(says) == 1 and says[0].levelno == logging.WARNING
+    assert f"(pid {os.getpid()})" in says[0].getMessage()
 
 
 def test_ctrl_c_during_a_run_is_one_line_and_exit_130(data_root, tmp_path):
@@ -450,6 +497,98 @@ def test_nearly_constant_image_warns_naming_the_file(tmp_path, caplog):
     assert [r.levelno for r in caplog.records] == [logging.WARNING]
     assert str(flat) in caplog.records[0].getMessage()
     assert "nearly constant" in caplog.records[0].getMessage()
+
+
+def test_garbled_jpeg_warns_naming_the_file(tmp_path, caplog):
+    """Issue 22: a damaged JPEG that PIL decodes without a word (libjpeg's "Corrupt JPEG data"
+    warnings are not passed on) was used silently; the marker scan now warns, once per file,
+    on the training path and in `tint predict` alike (both decode with tint.imaging)."""
+    from tint.imaging import open_image
+
+    arr = np.zeros((48, 48, 3), np.uint8)
+    arr[:, :24] = 200
+    good = tmp_path / "good.jpg"
+    Image.fromarray(arr).save(good)
+    data = good.read_bytes()
+    k = data.find(b"\xff\xc4")  # the first Huffman table: junk bytes before it
+    garbled = tmp_path / "garbled.jpg"
+    garbled.write_bytes(data[:k] + b"junk!" + data[k:])
+    Image.open(garbled).load()  # PIL alone: decodes, no warning, no error
+    with caplog.at_level(logging.WARNING, logger="tint"):
+        open_image(good)
+        assert not caplog.records
+        load_image(garbled, 16)
+        open_image(garbled)  # once per file
+    assert len(caplog.records) == 1, [r.getMessage() for r in caplog.records]
+    message = caplog.records[0].getMessage()
+    assert str(garbled) in message and "corrupt JPEG data" in message and "5 extraneous bytes" in message
+
+
+def test_garbled_compressed_data_is_found_by_the_huffman_check(tmp_path, caplog):
+    """Bytes overwritten inside the compressed data: PIL decodes a garbled picture without a
+    word; tint's Huffman check of baseline JPEGs (tint.jpeg_check) finds the damage in most
+    such files, and never flags an intact one (restart markers, grey, 4:2:0, 4:4:4)."""
+    import io
+    import warnings as python_warnings
+
+    from tint.jpeg_check import jpeg_problem
+
+    y, x = np.mgrid[0:48, 0:64]
+    pixels = np.stack([x * 4 % 256, y * 5 % 256, (x + y) * 3 % 256], -1).astype(np.uint8)
+    for i, options in enumerate([{}, {"subsampling": 0}, {"restart_marker_blocks": 2},
+                                 {"optimize": True}]):
+        for mode in ("RGB", "L"):
+            path = tmp_path / f"intact-{i}-{mode}.jpg"
+            Image.fromarray(pixels).convert(mode).save(path, quality=90, **options)
+            assert jpeg_problem(path) is None, (options, mode)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    data = buffer.getvalue()
+    found = garbled = 0
+    for k, at in enumerate(range(len(data) // 2, len(data) - 10, 97)):
+        damaged = bytearray(data)
+        damaged[at:at + 4] = b"\x12\x34\x56\x78"
+        path = tmp_path / f"garbled-{k}.jpg"
+        path.write_bytes(bytes(damaged))
+        with python_warnings.catch_warnings():
+            python_warnings.simplefilter("error")  # PIL itself: no warning, no error
+            decoded = np.asarray(Image.open(path).convert("RGB")).astype(int)
+        if np.abs(decoded - np.asarray(Image.open(io.BytesIO(data))).astype(int)).mean() < 5:
+            continue
+        garbled += 1
+        with caplog.at_level(logging.WARNING, logger="tint"):
+            load_image(path, 16)
+        found += any(str(path) in r.getMessage() and "corrupt JPEG data" in r.getMessage()
+                     for r in caplog.records)
+    assert garbled >= 3 and found >= garbled - 1, (found, garbled)
+
+
+def test_full_disk_during_a_tensor_write_is_one_line(tmp_path, monkeypatch, capsys):
+    """Issue 22: safetensors reports a full disk as SafetensorError, not OSError, so the CLI
+    showed a traceback; save_tensors now raises the OSError it is, naming the file."""
+    import torch
+    from safetensors import SafetensorError
+
+    from tint.cli import os_error_message
+
+    def full_disk(*args, **kwargs):
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(tint.io, "save_file", full_disk)
+    path = tmp_path / "artifacts" / "student.safetensors"
+    with pytest.raises(OSError) as caught:
+        tint.io.save_tensors(path, {"w": torch.zeros(2)})
+    assert caught.value.errno == errno.ENOSPC and caught.value.filename == str(path)
+    line = os_error_message(caught.value)
+    assert line.startswith(f"{path}: No space left on device; free disk space")
+    assert not list(path.parent.iterdir())  # no temp file left behind
+
+
+def test_ray_address_implies_the_ray_executor(capsys):
+    """Issue 22: `--ray-address` without `--executor ray` was ignored (the run went local)."""
+    assert run_main(["run", "--ray-address", "10.0.0.1:6379", "--print-config"]) == 0
+    executor = yaml.safe_load(capsys.readouterr().out)["executor"]
+    assert executor["name"] == "ray" and executor["address"] == "10.0.0.1:6379"
 
 
 def test_episode_object_check_names_filed_and_real_class(data_root):

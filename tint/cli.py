@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         parser.error(f"unknown command {name!r}; choose from: {', '.join(COMMANDS)}")
     sub_parser, module = _command_parser(name)
-    args = sub_parser.parse_args(argv[1:])
+    args = parse_command_line(sub_parser, argv[1:])
     try:
         return int(module.run(args) or 0)
     except TintError as err:
@@ -76,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("TINT_DEBUG"):
             raise
         return _fail(name, os_error_message(err))
+
+
+def parse_command_line(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Positionals may come before, between or after options, as the docs write them
+    (`tint fit DATA_DIR --out MODEL_DIR [CONFIG]`): plain `parse_args` stops filling an
+    optional positional at the first option and then rejects CONFIG as unrecognised."""
+    try:
+        return parser.parse_intermixed_args(argv)
+    except TypeError:  # a parser feature intermixed parsing does not support
+        return parser.parse_args(argv)
 
 
 def _fail(name: str, message: str) -> int:

@@ -50,6 +50,10 @@ class DataConfig(Settings):
     """Which images: the dataset, the episodes (a file or sampled), the base-class pool."""
 
     dataset: str = "openclipart"
+    # What stands for the dataset in artifact keys (None: `dataset` itself). `tint fit` sets
+    # the content hash of its snapshot, so that the keys follow the images, not the folder
+    # they were copied to (a moved model folder, or --out spelt another way, reuses all).
+    dataset_key: str | None = None
     resolution: int = 84
     # An episode file (path, or "builtin:<name>" for tint/assets/episodes/<name>.json);
     # None samples `n_episodes` episodes from `split` with the settings below.
@@ -255,13 +259,41 @@ def dump_config(config: RunConfig) -> str:
     return yaml.safe_dump(config_to_dict(config), sort_keys=False, default_flow_style=False)
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A mapping names one key twice; plain YAML loading would keep the last silently."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (a config that says
+    `lr: 0.1` and later `lr: 0.01` is a mistake, not a choice of the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, Any] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if first is not key_node.start_mark:
+                raise DuplicateKeyError(
+                    f"key {key!r} appears twice in one mapping (line {first.line + 1} and line "
+                    f"{key_node.start_mark.line + 1}); keep one")
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml_text(text: str) -> Any:
+    """YAML as safe_load reads it, but a duplicate key is an error (DuplicateKeyError)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml(path: str | Path) -> dict:
     path = Path(path)
     if path.is_dir():
         raise TintError(f"{path}: is a folder, not a config file; give a YAML file "
                         "such as configs/tiny.yaml")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"))
     except FileNotFoundError as err:
         raise TintError(f"{path}: config file not found") from err
     except UnicodeDecodeError as err:
@@ -269,6 +301,8 @@ def read_yaml(path: str | Path) -> dict:
                         "give a YAML config such as configs/tiny.yaml") from err
     except OSError as err:
         raise TintError(f"{path}: cannot read the config ({err.strerror or err})") from err
+    except DuplicateKeyError as err:
+        raise TintError(f"{path}: {err}") from err
     except yaml.YAMLError as err:
         raise TintError(f"{path}: not valid YAML ({err})") from err
     if data is None:

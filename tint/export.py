@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from tint.errors import TintError
-from tint.io import write_json
+from tint.io import DamagedFileError, write_json
 from tint.students.distill import load_student
 
 DEFAULT_ATOL = 1e-4
@@ -171,6 +171,37 @@ def _check_student_file(path: Path) -> None:
         raise TintError(f"{path}: no student architecture in its metadata, so tint cannot rebuild "
                         "the network; give a student.safetensors written by `tint run` "
                         "(artifacts/distill/<key>/student.safetensors)")
+    _check_architecture(path, meta)
+
+
+def _check_architecture(path: Path, meta: dict) -> None:
+    """The tensors must be those of the network the metadata names: otherwise rebuilding it
+    fails with a page-long list of missing and unexpected keys (or an unknown-name error
+    that does not say which file)."""
+    from safetensors import safe_open
+
+    from tint.students import create_student
+
+    arch = str(meta["arch"])
+    try:
+        kwargs = {k: meta[k] for k in ("image_size", "pool") if k in meta}
+        expected = {k: list(v.shape) for k, v in
+                    create_student(arch, int(meta["num_classes"]), **kwargs).state_dict().items()}
+    except (TintError, TypeError, ValueError) as err:
+        raise TintError(f"{path}: its metadata names student {arch!r} with "
+                        f"{meta['num_classes']!r} classes, which tint cannot build ({err})") from err
+    with safe_open(str(path), framework="pt") as handle:
+        found = {k: list(handle.get_slice(k).get_shape()) for k in handle.keys()}
+    wrong = sorted(set(expected) ^ set(found)) or sorted(
+        k for k in expected if expected[k] != found[k])
+    if wrong:
+        first = wrong[0]
+        detail = (f"{first}: {found.get(first, 'missing')} in the file, "
+                  f"{expected.get(first, 'none')} in a {arch}")
+        raise TintError(f"{path}: its metadata names a {arch} student, but its tensors are another "
+                        f"network's ({len(wrong)} differ, e.g. {detail}); the file was edited or "
+                        "mixed up: give the unmodified student.safetensors of the run that made it "
+                        "(artifacts/distill/<key>/)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -178,7 +209,14 @@ def run(args: argparse.Namespace) -> int:
         raise TintError(f"{args.checkpoint}: file not found; give a student.safetensors "
                         "from a distillation run directory")
     _check_student_file(args.checkpoint)
-    model, meta = load_student(args.checkpoint)
+    try:
+        model, meta = load_student(args.checkpoint)
+    except DamagedFileError as err:
+        raise TintError(
+            f"{err.path}: {err.problem}, so it cannot be exported. Run again the `tint run` (or "
+            "`tint fit`) command that wrote it: it notices the damage, distils this student again "
+            "from its last good checkpoint (same weights) and exports it itself (export/ in the run "
+            "dir); then `tint export` that new file if you need another copy") from err
     resolution = args.resolution or int(meta.get("image_size") or 84)
     stored = meta.get("image_size")
     if stored and args.resolution and int(stored) != args.resolution and meta.get("arch") == "conv4":

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
+import json
 import random
 import shutil
 import time
@@ -34,7 +35,9 @@ from importlib import resources
 from pathlib import Path
 
 from tint.errors import TintError
+from tint.model_folder import claim_model_folder
 from tint.predict import IMAGE_SUFFIXES, LABELS_FILE, labels_document
+from tint.predict import file_sha256 as streamed_sha256
 
 FIT_CONFIG = "fit.yaml"  # packaged under tint/configs/
 POOL_PREFIX = "_pool_"  # class folders of the unlabelled pool inside the snapshot
@@ -149,21 +152,33 @@ def snapshot_labelled(images: LabelledImages, data_root: Path) -> tuple[list[lis
     return support, query
 
 
-def render_pool(items: dict[str, list[Path | str]], load, data_root: Path) -> None:
-    """Unlabelled images pre-rendered at the training resolution (`load`: item -> PIL image)."""
+def render_pool(items: dict[str, list[Path | str]], load, data_root: Path) -> list[Path]:
+    """Unlabelled images pre-rendered at the training resolution (`load`: item -> PIL image);
+    returns the rendered files."""
     from tint.io import atomic_path
 
+    rendered = []
     for folder, refs in items.items():
         for ref in refs:
-            target = data_root / folder / f"{hashlib.sha256(str(ref).encode()).hexdigest()[:20]}.png"
+            target = data_root / folder / f"{pool_name(ref)}.png"
             if not target.is_file():
                 with atomic_path(target) as tmp:
                     load(ref).save(tmp, format="PNG")
+            rendered.append(target)
+    return rendered
 
 
-def openclipart_pool(config, data_root: Path, holdout_dir: Path) -> tuple[str, list[Path]]:
+def pool_name(ref: Path | str) -> str:
+    """A pool image's name in the snapshot: a file by its content (a moved --unlabeled
+    folder keeps its names, hence its keys), a dataset item by its id."""
+    text = streamed_sha256(ref) if isinstance(ref, Path) else hashlib.sha256(ref.encode()).hexdigest()
+    return text[:20]
+
+
+def openclipart_pool(config, data_root: Path, holdout_dir: Path) -> tuple[str, list[Path], list[Path]]:
     """The embedded pool: openclipart base classes (capped per class) for distillation, and
-    images of its *val* classes (never trained on) held out for the agreement estimate."""
+    images of its *val* classes (never trained on) held out for the agreement estimate.
+    Returns what the pool is in words, the held-out files and the pool's files."""
     from tint.data.openclipart import load_openclipart
 
     dataset = load_openclipart(resolution=config.data.resolution)
@@ -174,17 +189,17 @@ def openclipart_pool(config, data_root: Path, holdout_dir: Path) -> tuple[str, l
         pool = sorted(dataset.items[name])
         rng.shuffle(pool)
         chosen[POOL_PREFIX + name] = pool if cap is None else pool[:cap]
-    render_pool(chosen, dataset.load, data_root)
+    pool_files = render_pool(chosen, dataset.load, data_root)
     val_items = sorted(i for c in dataset.classes("val") for i in dataset.items[c])
     rng.shuffle(val_items)
-    held = val_items[:HELD_OUT_UNLABELED]
-    render_pool({"openclipart-val": held}, dataset.load, holdout_dir)
+    held = render_pool({"openclipart-val": val_items[:HELD_OUT_UNLABELED]}, dataset.load, holdout_dir)
     n = sum(len(v) for v in chosen.values())
     return (f"the embedded openclipart base pool ({len(chosen)} clip-art classes, {n} images; "
-            "no --unlabeled folder was given)"), sorted((holdout_dir / "openclipart-val").glob("*.png"))
+            "no --unlabeled folder was given)"), sorted(held), pool_files
 
 
-def user_pool(folder: Path, config, data_root: Path, holdout_dir: Path) -> tuple[str, list[Path]]:
+def user_pool(folder: Path, config, data_root: Path,
+              holdout_dir: Path) -> tuple[str, list[Path], list[Path]]:
     """--unlabeled DIR: every image under it (walked), cropped like the photos; every fifth
     (in content order) held out for the agreement estimate when there are enough."""
     from tint.data.images import load_image
@@ -204,10 +219,10 @@ def user_pool(folder: Path, config, data_root: Path, holdout_dir: Path) -> tuple
     def load(path):
         return load_image(path, config.data.resolution, fit=SUPPORT_FIT, crop_alpha=SUPPORT_CROP_ALPHA)
 
-    render_pool({POOL_PREFIX + "unlabeled": [str(p) for p in train]}, load, data_root)
-    render_pool({"unlabeled": [str(p) for p in held]}, load, holdout_dir)
-    rendered = sorted((holdout_dir / "unlabeled").glob("*.png")) if held else []
-    return f"your unlabelled images ({folder}: {len(train)} used, {len(held)} held out)", rendered
+    pool_files = render_pool({POOL_PREFIX + "unlabeled": list(train)}, load, data_root)
+    rendered = sorted(render_pool({"unlabeled": list(held)}, load, holdout_dir))
+    return (f"your unlabelled images ({folder}: {len(train)} used, {len(held)} held out)", rendered,
+            pool_files)
 
 
 def make_snapshot(images: LabelledImages, config, work: Path, unlabeled: Path | None) -> Snapshot:
@@ -217,15 +232,31 @@ def make_snapshot(images: LabelledImages, config, work: Path, unlabeled: Path | 
     holdout_dir = work / f"holdout-r{config.data.resolution}"
     support, query = snapshot_labelled(images, data_root)
     if unlabeled is None:
-        pool, held = openclipart_pool(config, data_root, holdout_dir)
+        pool, held, pool_files = openclipart_pool(config, data_root, holdout_dir)
         what = "held-out openclipart images of other classes (its val split)"
     else:
-        pool, held = user_pool(Path(unlabeled), config, data_root, holdout_dir)
+        pool, held, pool_files = user_pool(Path(unlabeled), config, data_root, holdout_dir)
         what = "held-out images of your --unlabeled folder"
+    labelled = {data_root / item for rows in (support, query) for row in rows for item in row}
+    prune_snapshot(data_root, holdout_dir, labelled | set(pool_files) | set(held) | {data_root / "splits.json"})
     pool_classes = sorted(p.name for p in data_root.iterdir() if p.is_dir() and p.name.startswith(POOL_PREFIX))
     write_json(data_root / "splits.json", {"base": pool_classes, "val": [], "novel": images.classes,
                                            "how": "written by tint fit"})
     return Snapshot(data_root, images.classes, support, query, pool, held, what)
+
+
+def prune_snapshot(data_root: Path, holdout_dir: Path, keep: set[Path]) -> None:
+    """Remove what an earlier fit into this folder left in the snapshot (images since removed
+    from DATA_DIR, another --unlabeled pool): the snapshot then holds exactly this fit's
+    data, so its content hash, the pool and the keys depend on the data, not on history."""
+    for root in (data_root, holdout_dir):
+        if not root.is_dir():
+            continue
+        for path in sorted(root.rglob("*"), reverse=True):  # files before their folders
+            if path.is_file() and path not in keep and not path.name.startswith("."):
+                path.unlink()
+            elif path.is_dir() and not any(path.iterdir()):
+                path.rmdir()
 
 
 # ----------------------------------------------------------------------------- config
@@ -246,6 +277,9 @@ def load_fit_config(config: str | Path | None, overrides: Sequence[str], work: P
     for assignment in overrides:
         data = apply_override(data or {}, assignment)
     resolved = config_from_dict(data or {})
+    if not resolved.export.onnx:
+        raise TintError("export.onnx: false, but the model folder's model is model.onnx (what "
+                        "tint predict runs, and what labels.json records); leave it true")
     if unlabeled is not None:
         if resolved.teacher.meta_train.epochs > 0:
             raise TintError("teacher.meta_train.epochs: meta-training needs labelled base classes, "
@@ -255,10 +289,22 @@ def load_fit_config(config: str | Path | None, overrides: Sequence[str], work: P
 
 
 def with_snapshot(config, snapshot: Snapshot, episode_file: Path):
-    """Point the config at the snapshot and its one episode."""
-    data = replace(config.data, dataset=f"folder:{snapshot.data_root}", episodes=str(episode_file),
-                   first_episodes=None, base_split="base", base_images_per_class=None)
+    """Point the config at the snapshot and its one episode. The keys name the snapshot by
+    its content (`data.dataset_key`), not by the folder it lies in: a moved model folder,
+    or --out spelt relative or absolute, reuses every artifact and gives the same model."""
+    data = replace(config.data, dataset=f"folder:{snapshot.data_root}",
+                   dataset_key=f"tint-fit-snapshot:{snapshot_sha256(snapshot.data_root)}",
+                   episodes=str(episode_file), first_episodes=None, base_split="base",
+                   base_images_per_class=None)
     return replace(config, data=data)
+
+
+def snapshot_sha256(data_root: Path) -> str:
+    """SHA-256 over every snapshot file's path (inside the snapshot) and content."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in data_root.rglob("*") if p.is_file() and not p.name.startswith(".")):
+        digest.update(f"{path.relative_to(data_root).as_posix()}\t{streamed_sha256(path)}\n".encode())
+    return digest.hexdigest()
 
 
 def episode_config(cfg, images: LabelledImages, snapshot: Snapshot, work: Path):
@@ -435,22 +481,25 @@ def val_accuracy(ctx, teacher, student, episode, val: LabelledImages) -> dict:
 
 def write_model_folder(ctx, episode, out: Path, images: LabelledImages, snapshot: Snapshot,
                        estimates: dict, sha: str, seconds: float) -> None:
-    from tint.io import atomic_path, write_json, write_text
+    from tint.model_folder import output_file
     from tint.pipeline import distill, export_location
     from tint.students.models import IMAGENET_MEAN, IMAGENET_STD
 
     folder, _, _ = export_location(ctx, episode, 0)
     for src, dst in (("student.onnx", "model.onnx"), ("student.pt", "model.pt")):
         if (folder / src).is_file():
-            with atomic_path(out / dst) as tmp:
+            with output_file(out, dst) as tmp:
                 shutil.copyfile(folder / src, tmp)
     student = ctx.config.students[0]
-    write_json(out / LABELS_FILE, labels_document(
-        episode.classes, ctx.config.data.resolution, fit=SUPPORT_FIT, crop_alpha=SUPPORT_CROP_ALPHA,
-        arch=student.arch, mean=IMAGENET_MEAN, std=IMAGENET_STD,
-        training={"images": images.counts(), "sha256": sha}))
+    labels = labels_document(
+        episode.classes, ctx.config.data.resolution, model_sha256=streamed_sha256(out / "model.onnx"),
+        fit=SUPPORT_FIT, crop_alpha=SUPPORT_CROP_ALPHA, arch=student.arch, mean=IMAGENET_MEAN,
+        std=IMAGENET_STD, training={"images": images.counts(), "sha256": sha})
+    with output_file(out, LABELS_FILE) as tmp:
+        tmp.write_text(json.dumps(labels, indent=2) + "\n")
     curve = distill(ctx, episode, 0).get("curve", [])
-    write_text(out / "MODEL_CARD.md", model_card(ctx, images, snapshot, estimates, sha, seconds))
+    with output_file(out, "MODEL_CARD.md") as tmp:
+        tmp.write_text(model_card(ctx, images, snapshot, estimates, sha, seconds))
     write_fit_report(out, ctx, episode, snapshot, estimates, curve)
 
 
@@ -546,7 +595,7 @@ This is {which}.
 
 def write_fit_report(out: Path, ctx, episode, snapshot: Snapshot, estimates: dict, curve: list) -> Path:
     from tint import report
-    from tint.io import write_text
+    from tint.model_folder import output_file
     from tint.pipeline import synthetic_paths
 
     figures = out / "report"
@@ -568,9 +617,9 @@ def write_fit_report(out: Path, ctx, episode, snapshot: Snapshot, estimates: dic
                                "a fit check, not an accuracy estimate", curves),
         f"<h2>Unlabelled images</h2><p>{html.escape(snapshot.pool)}</p>",
     ])
-    path = out / "report.html"
-    write_text(path, report._page(f"tint fit: {', '.join(episode.classes)}", body))
-    return path
+    with output_file(out, "report.html") as tmp:
+        tmp.write_text(report._page(f"tint fit: {', '.join(episode.classes)}", body))
+    return out / "report.html"
 
 
 # ----------------------------------------------------------------------------- the API
@@ -583,9 +632,8 @@ def fit(data_dir: str | Path, out: str | Path, config: str | Path | None = None,
     ``folds`` > 1 adds a k-fold cross-validated estimate of the student (tint.cross_validation).
 
     Resumable: the same call after a kill continues, after success computes nothing.
+    `out` must be new, empty or a model folder of an earlier fit (tint.model_folder).
     """
-    from tint.pipeline import LOGGER, _attach_log
-
     start = time.perf_counter()
     out, unlabeled = Path(out), Path(unlabeled) if unlabeled is not None else None
     if out.resolve().is_relative_to(Path(data_dir).resolve()):
@@ -596,8 +644,30 @@ def fit(data_dir: str | Path, out: str | Path, config: str | Path | None = None,
     if val_images is not None:
         check_val_classes(val_images, images.classes)
     check_images_decode(images)
-    work = out / "work"
+    work = out.resolve() / "work"  # keys never see it (data.dataset_key), logs and markers do
     cfg = load_fit_config(config, overrides, work, unlabeled)
+    with claim_model_folder(out, fit_identity(images, cfg, unlabeled, val_images, folds)):
+        return _fit_claimed(out, work, images, cfg, unlabeled, val_images, start, folds)
+
+
+def fit_identity(images: LabelledImages, cfg, unlabeled: Path | None,
+                 val: LabelledImages | None, folds: int = 0) -> dict:
+    """What a fit computes, for the model folder's lock: a second fit of the same identity
+    waits for the first, one of another identity is refused (they would mix one folder)."""
+    from tint.config import dump_config
+    from tint.engine import stable_hash
+
+    settings = dump_config(replace(cfg, run_dir=""))
+    return {"data": images.sha256(), "val": val.sha256() if val is not None else None,
+            "settings": stable_hash([settings, str(unlabeled.resolve()) if unlabeled else None]),
+            **({"folds": folds} if folds else {})}
+
+
+def _fit_claimed(out: Path, work: Path, images: LabelledImages, cfg, unlabeled: Path | None,
+                 val_images: LabelledImages | None, start: float, folds: int = 0) -> Path:
+    """The fit itself, once the model folder is claimed."""
+    from tint.pipeline import LOGGER, _attach_log
+
     work.mkdir(parents=True, exist_ok=True)
     handler = _attach_log(work / "log.txt")
     try:

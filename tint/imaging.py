@@ -14,6 +14,7 @@ the visible pixels. Squaring (`fit`): "crop" scales the short side and centre-cr
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -21,13 +22,19 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tint.errors import TintError
+from tint.jpeg_check import MAX_BLOCKS, jpeg_problem
 
 FITS = ("crop", "pad", "stretch")
 RESAMPLE = Image.Resampling.BICUBIC
+LOGGER = logging.getLogger("tint")
+_WARNED: set[str] = set()  # files already warned about in this process
 
 
-def open_image(path: str | Path) -> Image.Image:
-    """Open and fully decode an image file, turning every failure into a TintError."""
+def open_image(path: str | Path, jpeg_blocks: int = MAX_BLOCKS) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into a TintError.
+
+    Damage PIL decodes through (a JPEG's, found by tint.jpeg_check up to `jpeg_blocks` 8x8
+    blocks; 0: its markers only) and PIL's own warnings are logged once per file, naming it."""
     path = Path(path)
     if not path.exists():
         raise TintError(f"{path}: image file not found")
@@ -36,10 +43,12 @@ def open_image(path: str | Path) -> Image.Image:
     if path.stat().st_size == 0:
         raise TintError(f"{path}: empty file (0 bytes); delete or replace it")
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as img:
                 img.load()  # decode now: truncated files fail here, not later
+                problem = checked_jpeg(path, jpeg_blocks) if img.format == "JPEG" else None
                 img = ImageOps.exif_transpose(img) or img
                 img.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
@@ -53,7 +62,33 @@ def open_image(path: str | Path) -> Image.Image:
         raise TintError(f"{path}: unreadable or corrupt image ({err})") from err
     if img.width == 0 or img.height == 0:
         raise TintError(f"{path}: zero-size image ({img.width}x{img.height})")
+    for message in [problem, *(str(w.message) for w in caught)]:
+        if message:
+            warn_once(path, f"{message}; the image decoded, but parts of it may be garbled: "
+                            "check it, or replace or remove it")
     return img
+
+
+_JPEG_CHECKED: dict[tuple[str, int, int, int], str | None] = {}
+
+
+def checked_jpeg(path: Path, max_blocks: int) -> str | None:
+    """jpeg_problem, once per file version and process: training loads an image many times."""
+    stat = path.stat()
+    memo = (str(path), stat.st_size, stat.st_mtime_ns, max_blocks)
+    if memo not in _JPEG_CHECKED:
+        _JPEG_CHECKED[memo] = jpeg_problem(path, max_blocks)
+    return _JPEG_CHECKED[memo]
+
+
+def warn_once(path: str | Path, message: str) -> None:
+    """A warning naming the file, once per file and process (PIL itself says nothing about
+    most damage it decodes through, and what it does say names no file)."""
+    key = str(path)
+    if key not in _WARNED:
+        _WARNED.add(key)
+        LOGGER.warning("%s: %s", key, message)
+
 
 
 def _to_8bit(img: Image.Image) -> Image.Image:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -63,7 +64,16 @@ def read_json(path: str | Path) -> Any:
 
 
 class DamagedFileError(TintError):
-    """A tensor file that is truncated, unreadable or no longer matches its checksum."""
+    """A tensor file that is truncated, unreadable or no longer matches its checksum.
+
+    `problem` says what is wrong with `path` without advice: the caller that knows what
+    made the file (a checkpoint the loop restarts, a student `tint export` was given)
+    says what to do instead of the generic "delete it and run the same command again"."""
+
+    def __init__(self, path: Path, problem: str,
+                 advice: str = "delete it and run the same command again to recompute it"):
+        super().__init__(f"{path}: {problem}; {advice}")
+        self.path, self.problem = path, problem
 
 
 CHECKSUM_KEY = "tint_sha256"
@@ -87,7 +97,23 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: d
     if metadata is not None:
         meta["tint"] = json.dumps(metadata, default=str)
     with atomic_path(path) as tmp:
-        save_file(contiguous, str(tmp), metadata=meta)
+        _save_file(contiguous, tmp, Path(path), meta)
+
+
+def _save_file(tensors: dict[str, torch.Tensor], tmp: Path, path: Path, meta: dict) -> None:
+    """safetensors' save_file, with its I/O failures as what they are: a full disk raises
+    SafetensorError, which is not an OSError, so without this the user saw a traceback."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)|code: (\d+)", str(err))
+        if code:  # the CLI turns an OSError into one line with advice for its errno
+            number = int(code.group(1) or code.group(2))
+            raise OSError(number, os.strerror(number), str(path)) from err
+        raise TintError(f"{path}: could not write the tensor file ({err}); check the disk "
+                        "and run the same command again to resume") from err
 
 
 def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -107,25 +133,26 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
         tensors = load_file(str(path))
         meta = json.loads(raw["tint"]) if "tint" in raw else None
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
-        raise DamagedFileError(f"{path}: damaged or truncated tensor file ({err}); delete it and "
-                               "run the same command again to recompute it") from err
+        raise DamagedFileError(path, f"damaged or truncated tensor file ({err})") from err
     if CHECKSUM_KEY in raw and tensors_sha256(tensors) != raw[CHECKSUM_KEY]:
-        raise DamagedFileError(f"{path}: its tensors no longer match their checksum (the file was "
-                               "changed or damaged); delete it and run the same command again")
+        raise DamagedFileError(path, "its tensors no longer match their checksum (the file was "
+                               "changed or damaged)")
     return tensors, meta
 
 
 @contextmanager
 def folder_lock(folder: str | Path, on_wait: Any = None, name: str = ".lock",
-                on_busy: Any = None) -> Iterator[None]:
+                on_busy: Any = None, holder: dict | None = None) -> Iterator[None]:
     """Hold an exclusive lock on `folder` (the file `name` in it) across processes.
 
     Two runs that share an artifact store (two `tint experiment` processes) must not
     compute the same artifact at once: the second waits here, then finds it done. The
     OS drops the lock when the holder dies, so a killed run never leaves it stuck.
-    `on_busy()` is called before waiting for a busy lock (it may raise instead), and
-    `on_wait(seconds)` after. Without fcntl (Windows) it is a no-op: one process per store
-    there.
+    `on_busy(holder)` is called before waiting for a busy lock (it may raise instead) with
+    what the holder wrote in the lock file (`lock_holder`), and `on_wait(seconds)` after.
+    The holder writes its pid and `holder` (JSON) into the lock file once it has the lock,
+    so that a process waiting for it can say who it waits for. Without fcntl (Windows) it
+    is a no-op: one process per store there.
     """
     try:
         import fcntl
@@ -139,15 +166,36 @@ def folder_lock(folder: str | Path, on_wait: Any = None, name: str = ".lock",
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             if on_busy is not None:
-                on_busy()
+                on_busy(lock_holder(folder / name))
             start = perf_counter()
             fcntl.flock(handle, fcntl.LOCK_EX)
             if on_wait is not None:
                 on_wait(perf_counter() - start)
+        _write_holder(handle, holder)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _write_holder(handle: Any, holder: dict | None) -> None:
+    """Record who holds the lock (pid, and what it is doing) in the lock file itself."""
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), **(holder or {})}).encode())
+        handle.flush()
+    except OSError:  # a read-only or full store: the lock still works without the record
+        pass
+
+
+def lock_holder(path: str | Path) -> dict:
+    """What the holder of the lock file `path` wrote: at least its pid when known ({} if not)."""
+    try:
+        record = json.loads(Path(path).read_bytes() or b"{}")
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def set_threads(n: int | None) -> None:

@@ -165,9 +165,16 @@ class RunContext:
 
 def make_context(config: RunConfig, store: str | Path | None = None,
                  hooks: dict[str, Callable[..., None]] | None = None) -> RunContext:
-    """The context of a run (or of one worker running its units)."""
-    run_dir = Path(config.run_dir)
-    return RunContext(config, run_dir, Path(store) if store else run_dir / "artifacts", dict(hooks or {}))
+    """The context of a run (or of one worker running its units).
+
+    The run dir and the store are made absolute here, once, before anything uses them:
+    every path derived from them (markers, episode folders, synthetic image lists) is then
+    absolute in the driver, on a Ray worker that started in another directory, and in the
+    report, so paths from the two never meet as relative against absolute."""
+    run_dir = Path(config.run_dir).expanduser().resolve()
+    store_dir = Path(store).expanduser().resolve() if store else run_dir / "artifacts"
+    config = replace(config, run_dir=str(run_dir))
+    return RunContext(config, run_dir, store_dir, dict(hooks or {}))
 
 
 # ----------------------------------------------------------------------------- the unit graph
@@ -332,7 +339,7 @@ def prepare(ctx: RunContext) -> list[EpisodeData]:
     for index, episode in enumerate(episodes):
         folder = ctx.run_dir / "episodes" / f"ep{index:03d}"
         key = {
-            "dataset": ctx.config.data.dataset,
+            "dataset": dataset_key(ctx.config),
             "resolution": ctx.config.data.resolution,
             "classes": list(episode.classes),
             "support": [list(s) for s in episode.support],
@@ -343,6 +350,12 @@ def prepare(ctx: RunContext) -> list[EpisodeData]:
         run_stage(ctx, "prepare", folder, key, data.label, lambda f, d=data: _write_episode(ctx, d, f))
         prepared.append(data)
     return prepared
+
+
+def dataset_key(config: RunConfig) -> str:
+    """The dataset as artifact keys see it: `data.dataset_key` when set (`tint fit`: its
+    snapshot's content hash, not the folder it lies in), else the `data.dataset` spec."""
+    return config.data.dataset_key or config.data.dataset
 
 
 def _load_or_sample_episodes(ctx: RunContext) -> list:
@@ -446,7 +459,7 @@ def teacher_inputs(ctx: RunContext):
     from tint.teachers.recipes import TeacherInputs
 
     data = ctx.config.data
-    return TeacherInputs(ctx.config.teacher, ctx.dataset, data.dataset, data.resolution, data.base_split,
+    return TeacherInputs(ctx.config.teacher, ctx.dataset, dataset_key(ctx.config), data.resolution, data.base_split,
                          select_base_items(ctx), ctx.config.seed, ctx.config.students[0].arch, ctx.device)
 
 
@@ -530,7 +543,7 @@ def specialization_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
                 "resolution": ctx.config.data.resolution}
 
     return {**ctx.cached("generator_key", generator_key), "class": episode.classes[c],
-            "support": episode.support[c], "dataset": ctx.config.data.dataset}
+            "support": episode.support[c], "dataset": dataset_key(ctx.config)}
 
 
 def generation_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:

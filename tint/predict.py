@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import io
 import json
 import sys
@@ -41,6 +42,9 @@ LABELS_FORMAT = "tint-labels/1"
 # The suffixes `tint.data.formats` scans in class folders; directories are walked for these.
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 FORMATS = ("table", "csv", "json")
+# Prediction checks a JPEG's markers only (cheap); the Huffman check of tint.jpeg_check would
+# cost ~40x the decoding, so it is left to training, where a damaged image does harm.
+PREDICT_JPEG_BLOCKS = 0
 HOW_TO_MAKE = "make one with `tint fit DATA_DIR --out MODEL_DIR`"
 
 ImageLike = str | Path | Image.Image | np.ndarray
@@ -61,14 +65,33 @@ class ModelSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def labels_document(classes: Sequence[str], size: int, *, fit: str = "crop",
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in blocks (a ResNet12 ONNX file is tens of MB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def classes_sha256(classes: Sequence[str]) -> str:
+    """SHA-256 of the class list in output order: a reordered or renamed list changes it."""
+    return hashlib.sha256(json.dumps(list(classes)).encode()).hexdigest()
+
+
+def labels_document(classes: Sequence[str], size: int, *, model_sha256: str, fit: str = "crop",
                     crop_alpha: bool = False, arch: str | None = None,
                     mean: Sequence[float] | None = None, std: Sequence[float] | None = None,
                     **extra: Any) -> dict:
-    """The `labels.json` content written by `tint fit` (kept here, next to its reader)."""
+    """The `labels.json` content written by `tint fit` (kept here, next to its reader).
+
+    `sha256` records the model file's and the class list's SHA-256: prediction refuses a
+    folder whose model.onnx was replaced or edited, or whose class list was reordered, since
+    either would label every image silently wrong (`check_integrity`)."""
     return {
         "format": LABELS_FORMAT,
         "classes": list(classes),
+        "sha256": {"model.onnx": model_sha256, "classes": classes_sha256(classes)},
         "model": "model.onnx",
         "torchscript": "model.pt",
         "arch": arch,
@@ -111,9 +134,44 @@ def read_model_spec(model_dir: str | Path) -> ModelSpec:
     if not (model_dir / str(model_file)).is_file():
         raise TintError(f"{model_dir / str(model_file)}: model file not found; "
                         f"re-export it with `tint fit` (same command: it resumes)")
+    check_integrity(model_dir, doc, str(model_file))
     return ModelSpec(classes=classes, size=spec_in["size"], fit=fit,
                      crop_alpha=bool(spec_in.get("crop_alpha", False)),
                      model_file=str(model_file), extra=doc)
+
+
+REFIT = "run the same `tint fit DATA_DIR --out MODEL_DIR` again to rewrite the folder (it resumes)"
+
+
+def check_integrity(model_dir: Path, doc: dict, model_file: str) -> None:
+    """The folder's files are the ones `tint fit` wrote together: model.onnx has the SHA-256
+    and the class list the order that labels.json records. An edited model or a reordered
+    class list would otherwise label every image wrong without a word."""
+    path = model_dir / LABELS_FILE
+    record = doc.get("sha256")
+    if not isinstance(record, dict) or not all(isinstance(record.get(k), str)
+                                               for k in ("model.onnx", "classes")):
+        raise TintError(f"{path}: has no 'sha256' record of model.onnx and the class list (written "
+                        "by an older tint, or edited), so the folder cannot be verified; run the "
+                        "same `tint fit DATA_DIR --out MODEL_DIR` again with this tint to rewrite it")
+    if classes_sha256(doc["classes"]) != record["classes"]:
+        raise TintError(f"{path}: the class list was changed (reordered, renamed or edited) since "
+                        f"tint fit wrote it, so labels would no longer match the model's outputs; "
+                        f"restore it or {REFIT}")
+    if file_sha256(model_dir / model_file) != record["model.onnx"]:
+        raise TintError(f"{model_dir / model_file}: does not match the SHA-256 recorded in "
+                        f"{LABELS_FILE} (the model file was replaced, edited or damaged); "
+                        f"restore it or {REFIT}")
+
+
+def check_input_shape(model_dir: Path, spec: ModelSpec, shape: Sequence[Any]) -> None:
+    """labels.json's input size must be the one the ONNX model takes: [B, 3, size, size]."""
+    shape = list(shape)
+    wanted = [3, spec.size, spec.size]
+    if len(shape) != 4 or any(isinstance(d, int) and d != w for d, w in zip(shape[1:], wanted, strict=True)):
+        raise TintError(f"{model_dir / LABELS_FILE}: input.size is {spec.size}, but "
+                        f"{spec.model_file} takes input of shape {list(shape)}; the two files do "
+                        f"not belong together: {REFIT}")
 
 
 # ----------------------------------------------------------------------------- images
@@ -138,7 +196,7 @@ def array_to_image(array: np.ndarray, name: str = "array") -> Image.Image:
 def preprocess(image: ImageLike, spec: ModelSpec, name: str | None = None) -> np.ndarray:
     """One image (path, PIL image or array) -> float32 [3, size, size] in [0, 1]."""
     if isinstance(image, (str, Path)):
-        img = open_image(image)
+        img = open_image(image, jpeg_blocks=PREDICT_JPEG_BLOCKS)
     elif isinstance(image, Image.Image):
         img = image
     elif isinstance(image, np.ndarray):
@@ -202,7 +260,9 @@ class Predictor:
         self.spec = read_model_spec(self.model_dir)
         self.classes = self.spec.classes
         self._session = _onnx_session(self.model_dir / self.spec.model_file, threads)
-        self._input = self._session.get_inputs()[0].name
+        first_input = self._session.get_inputs()[0]
+        check_input_shape(self.model_dir, self.spec, first_input.shape)
+        self._input = first_input.name
         outputs = self._session.get_outputs()[0].shape
         if outputs and isinstance(outputs[-1], int) and outputs[-1] != len(self.classes):
             raise TintError(f"{self.model_dir / LABELS_FILE}: lists {len(self.classes)} classes "

@@ -34,12 +34,24 @@ def add_execution_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--executor", default=None, choices=("local", "ray"),
                         help="run units in this process (local) or on a Ray cluster (ray)")
     parser.add_argument("--ray-address", default=None,
-                        help="Ray cluster address (default: RAY_ADDRESS, else a local cluster)")
+                        help="Ray cluster address; implies --executor ray (default: RAY_ADDRESS, "
+                             "else a local cluster)")
 
 
 def execution_overrides(args: argparse.Namespace) -> list[str]:
-    """The execution flags as `--set` assignments (validated like every other key)."""
+    """The execution flags as `--set` assignments (validated like every other key).
+
+    `--ray-address` implies `--executor ray` (an address only means something to Ray, and
+    silently running locally instead would ignore it); with `--executor local` it is an error.
+    """
+    from tint.errors import TintError
+
     out = []
+    if getattr(args, "ray_address", None):
+        if getattr(args, "executor", None) == "local":
+            raise TintError(f"--ray-address {args.ray_address}: given with --executor local, which "
+                            "runs every unit in this process; drop one of the two")
+        args.executor = "ray"
     if getattr(args, "device", None):
         out.append(f"device={args.device}")
     if getattr(args, "precision", None):

@@ -81,11 +81,20 @@ def make_run_dir(run_dir: Path) -> None:
 
 
 def _run_lock(run_dir: Path, config_text: str, on_wait: Callable[[float], Any] | None):
-    def busy() -> None:
+    def busy(holder: dict) -> None:
         _refuse_if_other_settings(run_dir, config_text)
-        LOGGER.info("run dir %s is in use by the same run: waiting for it", run_dir)
+        # A warning, not info: the command line shows warnings before the run's log is set up,
+        # and a wait of minutes without a word looks like a hang.
+        LOGGER.warning("run dir %s is in use by %s with the same settings: waiting for it to "
+                       "finish (then this run resumes from its results)", run_dir, holder_words(holder))
 
     return folder_lock(run_dir, on_wait=on_wait, name=LOCK_FILE, on_busy=busy)
+
+
+def holder_words(holder: dict) -> str:
+    """'another tint process (pid 1234)', or without the pid when the lock file has none."""
+    pid = holder.get("pid")
+    return f"another tint process (pid {pid})" if pid else "another tint process"
 
 
 def _refuse_if_other_settings(run_dir: Path, config_text: str) -> None:

@@ -315,11 +315,15 @@ def run_cells(cells: list[Cell]) -> DriveReport:
     # cells then finish their first episodes together).
     planned = sorted(((-1 if u.episode is None else u.episode, i, n), i, u)
                      for i, cell in enumerate(cells) for n, u in enumerate(cell.units))
-    tasks = [Task(cells[i].prefix + u.id, u.stage, tuple(cells[i].prefix + n for n in u.needs),
-                  stage_resources(cells[i].ctx.config.executor, u.stage), (i, u))
-             for _order, i, u in planned]
+    for cell in cells:  # before connecting: a bad executor.gpus key fails at once
+        stage_resources(cell.ctx.config.executor, "teacher")
     started_here = _connect(ray, executor.address)
     try:
+        cluster_gpus = _cluster_gpus(ray)
+        tasks = [Task(cells[i].prefix + u.id, u.stage, tuple(cells[i].prefix + n for n in u.needs),
+                      stage_resources(cells[i].ctx.config.executor, u.stage,
+                                      cells[i].ctx.config.device, cluster_gpus), (i, u))
+                 for _order, i, u in planned]
         check_resources(ray, tasks)
         check_shared_store(ray, [cells[0].ctx.store, *{c.ctx.run_dir for c in cells}])
         _warn_if_few_in_flight(ray, executor.max_in_flight)
@@ -393,6 +397,8 @@ def _connect(ray, address: str | None) -> bool:
     if ray.is_initialized():
         return False
     address = address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        check_reachable(address)  # ray.init retries an address nobody answers at for ever
     kwargs: dict[str, Any] = {"log_to_driver": False, "include_dashboard": False}
     if address is None:  # the size of a cluster started here (default: what the machine has)
         for kind in ("cpus", "gpus"):
@@ -409,18 +415,73 @@ def _connect(ray, address: str | None) -> bool:
     return True
 
 
+CONNECT_TIMEOUT_ENV = "TINT_RAY_CONNECT_TIMEOUT"
+CONNECT_TIMEOUT = 20.0  # seconds: a head node that is still starting gets this long
+
+
+def check_reachable(address: str, timeout: float | None = None) -> None:
+    """Something must accept a TCP connection at `address` (host:port, or ray://host:port)
+    within `timeout` seconds (retried each second: a head node may be starting up).
+
+    `ray.init(address=...)` retries an address where nothing answers for ever, printing only
+    Ray's own log lines; this turns that into a clear error within about `timeout` seconds.
+    Addresses without a port ("auto", "local") are left to Ray."""
+    import os
+    import socket
+
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    if timeout is None:
+        try:
+            timeout = float(os.environ.get(CONNECT_TIMEOUT_ENV) or CONNECT_TIMEOUT)
+        except ValueError as err:
+            raise TintError(f"{CONNECT_TIMEOUT_ENV}={os.environ[CONNECT_TIMEOUT_ENV]!r}: expected "
+                            "seconds, e.g. 20") from err
+    deadline, last = time.monotonic() + timeout, None
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=min(5.0, timeout)):
+                return
+        except OSError as err:
+            last = err
+        if time.monotonic() + 1.0 > deadline:
+            break
+        time.sleep(1.0)
+    reason = getattr(last, "strerror", None) or str(last) or type(last).__name__
+    raise TintError(f"executor.address {address}: no Ray cluster answers there (nothing accepted "
+                    f"a connection within {timeout:g} s: {reason}); start one with `ray start "
+                    "--head` (docs/cluster.md), fix --ray-address/RAY_ADDRESS, or leave both unset "
+                    "for a cluster on this machine")
+
+
+def _cluster_gpus(ray) -> float:
+    """GPUs of the largest node that is up (0: a cluster without GPUs)."""
+    nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+    return max((n.get("GPU", 0.0) for n in nodes), default=0.0)
+
+
 def _describe(resources: dict[str, float]) -> str:
     return f"{resources.get('GPU', 0):g} GPU(s), {resources.get('CPU', 0):g} CPU(s)"
 
 
-def stage_resources(executor, stage: str) -> dict[str, float]:
-    """What one unit of `stage` asks of a node: executor.cpus CPUs and its stage's GPUs."""
+def stage_resources(executor, stage: str, device: str = "auto",
+                    cluster_gpus: float | None = None) -> dict[str, float]:
+    """What one unit of `stage` asks of a node: executor.cpus CPUs and its stage's GPUs.
+
+    The GPU request follows the device the run resolves to: `device: cpu` asks for none, and
+    so does `device: auto` on a cluster without GPUs (`cluster_gpus` 0), where it would run
+    on the CPU anyway; Ray would otherwise wait for ever for a GPU no node has (or, before
+    that, check_resources refuses it). An explicit `cuda` keeps its request, so a cluster
+    without GPUs refuses it clearly."""
     unknown = sorted(set(executor.gpus) - set(STAGE_RESOURCES.values()))
     if unknown:
         raise TintError(f"executor.gpus.{unknown[0]}: unknown stage; choose from "
                         f"{', '.join(sorted(set(STAGE_RESOURCES.values())))}")
-    return {"num_cpus": float(executor.cpus),
-            "num_gpus": float(executor.gpus.get(STAGE_RESOURCES.get(stage, stage), 0.0))}
+    gpus = float(executor.gpus.get(STAGE_RESOURCES.get(stage, stage), 0.0))
+    if device == "cpu" or (device == "auto" and cluster_gpus == 0):
+        gpus = 0.0
+    return {"num_cpus": float(executor.cpus), "num_gpus": gpus}
 
 
 # ----------------------------------------------------------------------------- fail fast
@@ -439,11 +500,9 @@ def check_resources(ray, tasks: list[Task]) -> None:
             largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
             option = f"executor.gpus.{STAGE_RESOURCES.get(task.stage, task.stage)}"
             no_gpu = ""
-            if not any(n.get("GPU", 0) for n in nodes):
-                zeros = " ".join(f"--set executor.gpus.{stage}=0" for stage in
-                                 sorted({STAGE_RESOURCES.get(t.stage, t.stage) for t in tasks
-                                         if t.resources["num_gpus"] > 0}))
-                no_gpu = f"; a cluster without GPUs runs every stage on CPU workers: {zeros}"
+            if not any(n.get("GPU", 0) for n in nodes):  # only an explicit cuda device asks
+                no_gpu = ("; this cluster has no GPUs: run with --device auto (or cpu), which asks "
+                          "for none and runs every stage on CPU workers")
             raise TintError(
                 f"{option}={gpus:g} (with executor.cpus={cpus:g}): a {task.stage} unit asks for "
                 f"{gpus:g} GPU(s) and {cpus:g} CPU(s), but no node of the Ray cluster has that "
@@ -553,7 +612,12 @@ def _run_unit_on_worker(cells: list, store: str, payload: tuple) -> dict:
         ctx.device_override = device
         _WORKER_CONTEXT.clear()
         _WORKER_CONTEXT[cache_key] = ctx
-    marker = run_unit(ctx, episodes, unit)
+    stalled = _test_stall(unit.id, ctx)
+    try:
+        marker = run_unit(ctx, episodes, unit)
+    finally:
+        if stalled:
+            ctx.hooks.pop("distill-step", None)
     return {"unit": unit.id, "node": socket.gethostname(), "gpu": gpu, "device": device,
             "seconds": time.perf_counter() - start, "stage_seconds": marker.get("seconds")}
 
@@ -589,6 +653,35 @@ def _test_fault(unit_id: str) -> None:
         if kind == "crash":
             os._exit(1)
         raise RuntimeError(f"injected test fault in {unit_id}")
+
+
+def _test_stall(unit_id: str, ctx) -> bool:
+    """Tests remove a node in the middle of a unit: with <faults>/stall--<unit id>, this
+    worker consumes the file, and at the unit's step 4 of distillation (after its step-3
+    checkpoint) writes its Ray node id to <faults>/stalled--<unit id> and waits to be killed
+    with its node. Returns whether it armed the stall."""
+    import os
+
+    folder = os.environ.get(FAULTS_ENV)
+    if not folder:
+        return False
+    name = unit_id.replace("/", "-")
+    try:
+        (Path(folder) / f"stall--{name}").unlink()
+    except FileNotFoundError:
+        return False
+
+    def stall(label: str, step: int, loss: float) -> None:
+        import ray
+
+        from tint.io import write_text
+
+        if step == 4:
+            write_text(Path(folder) / f"stalled--{name}", ray.get_runtime_context().get_node_id())
+            time.sleep(600)  # the test removes this node meanwhile
+
+    ctx.hooks["distill-step"] = stall
+    return True
 
 
 # ----------------------------------------------------------------------------- driver side

@@ -703,7 +703,8 @@ def _resume(path: Path, student: nn.Module, optimizer: torch.optim.Optimizer,
     try:
         _, meta = load_tensors(path)
     except DamagedFileError as err:  # never resume from a damaged checkpoint
-        log.warning("distill: %s; starting from step 0", err)
+        log.warning("distill: checkpoint %s cannot be resumed from (%s): deleted it, and this "
+                    "student is distilled again from step 0; nothing to do", path, err.problem)
         path.unlink(missing_ok=True)
         return 0
     if meta and meta.get("fingerprint") != fingerprint:
