@@ -163,3 +163,40 @@ def test_weights_fingerprint_follows_a_file_rewritten_in_place(tmp_path: Path) -
     before = weights_fingerprint(folder)
     save_tensors(folder / "unet" / "diffusion_pytorch_model.safetensors", {"w": torch.full((64,), 2.0)})
     assert weights_fingerprint(folder) != before
+
+
+def test_identical_tensor_files_are_byte_identical_across_processes(tmp_path):
+    """Issue 20.5: one metadata value, so the same student gives the same bytes in any
+    process (safetensors writes a multi-key metadata map in a per-process order)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys, torch\n"
+        "from tint.students import create_student\n"
+        "from tint.students.distill import save_student\n"
+        "torch.manual_seed(0)\n"
+        "save_student(sys.argv[1], create_student('conv4', 5, image_size=32), {'classes': ['a', 'b'], 'step': 3})\n"
+    )
+    paths = [tmp_path / f"s{i}.safetensors" for i in range(3)]
+    for path in paths:
+        subprocess.run([sys.executable, "-c", script, str(path)], check=True)
+    assert len({p.read_bytes() for p in paths}) == 1
+
+
+def test_files_written_before_the_one_key_format_still_load(tmp_path):
+    import json
+
+    import torch
+    from safetensors.torch import save_file
+
+    from tint.io import CHECKSUM_KEY, DamagedFileError, load_tensors, tensors_sha256
+
+    tensors = {"w": torch.arange(4.0)}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={CHECKSUM_KEY: tensors_sha256(tensors), "tint": json.dumps({"step": 2})})
+    loaded, meta = load_tensors(old)
+    assert torch.equal(loaded["w"], tensors["w"]) and meta == {"step": 2}
+    save_file({"w": torch.ones(4)}, str(old), metadata={CHECKSUM_KEY: tensors_sha256(tensors), "tint": "{}"})
+    with pytest.raises(DamagedFileError):
+        load_tensors(old)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import warnings
 from pathlib import Path
 
@@ -166,7 +165,9 @@ def _check_student_file(path: Path) -> None:
     except Exception as err:  # safetensors raises its own error types  # noqa: BLE001
         raise TintError(f"{path}: not a readable safetensors file ({err}); give the "
                         "student.safetensors a tint run wrote (artifacts/distill/<key>/)") from err
-    meta = json.loads(raw["tint"]) if "tint" in raw else {}
+    from tint.io import read_metadata
+
+    meta = read_metadata(raw)[0] or {}
     if not isinstance(meta, dict) or "arch" not in meta or "num_classes" not in meta:
         raise TintError(f"{path}: no student architecture in its metadata, so tint cannot rebuild "
                         "the network; give a student.safetensors written by `tint run` "

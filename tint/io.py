@@ -76,7 +76,10 @@ class DamagedFileError(TintError):
         self.path, self.problem = path, problem
 
 
-CHECKSUM_KEY = "tint_sha256"
+CHECKSUM_KEY = "tint_sha256"  # files written before tint/v2 (two keys)
+# One metadata key holding checksum and metadata as one JSON value: safetensors writes its
+# metadata map in a per-process order, so two keys gave identical tensors different bytes.
+METADATA_KEY = "tint/v2"
 
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
@@ -90,12 +93,12 @@ def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict | None = None) -> None:
-    """Save tensors as safetensors; `metadata` (JSON-able) is stored under the key 'tint', and
-    a checksum of the tensors beside it, verified by `load_tensors`."""
+    """Save tensors as safetensors with `metadata` (JSON-able) and a checksum of the tensors,
+    verified by `load_tensors`, in one metadata value: the same tensors and metadata give
+    the same bytes in any process (tests/test_engine.py)."""
     contiguous = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {CHECKSUM_KEY: tensors_sha256(contiguous)}
-    if metadata is not None:
-        meta["tint"] = json.dumps(metadata, default=str)
+    record = {"sha256": tensors_sha256(contiguous), "metadata": metadata}
+    meta = {METADATA_KEY: json.dumps(record, default=str, sort_keys=True)}
     with atomic_path(path) as tmp:
         _save_file(contiguous, tmp, Path(path), meta)
 
@@ -131,13 +134,21 @@ def load_tensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None
         with safe_open(str(path), framework="pt") as handle:
             raw = handle.metadata() or {}
         tensors = load_file(str(path))
-        meta = json.loads(raw["tint"]) if "tint" in raw else None
+        meta, checksum = read_metadata(raw)
     except (SafetensorError, OSError, ValueError, RuntimeError) as err:
         raise DamagedFileError(path, f"damaged or truncated tensor file ({err})") from err
-    if CHECKSUM_KEY in raw and tensors_sha256(tensors) != raw[CHECKSUM_KEY]:
+    if checksum is not None and tensors_sha256(tensors) != checksum:
         raise DamagedFileError(path, "its tensors no longer match their checksum (the file was "
                                "changed or damaged)")
     return tensors, meta
+
+
+def read_metadata(raw: dict[str, str]) -> tuple[dict | None, str | None]:
+    """(metadata, checksum) of a file written now (one key) or before tint/v2 (two keys)."""
+    if METADATA_KEY in raw:
+        record = json.loads(raw[METADATA_KEY])
+        return record.get("metadata"), record.get("sha256")
+    return (json.loads(raw["tint"]) if "tint" in raw else None), raw.get(CHECKSUM_KEY)
 
 
 @contextmanager
