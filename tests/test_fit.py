@@ -188,6 +188,16 @@ def test_cross_validated_student_estimate_on_the_card(fitted):
     assert cv["n_scored"] == 5 and cv["folds"] == 2 and 0 <= cv["student"] <= 1
     assert [f["n"] for f in cv["per_fold"]] == [3, 2]
     card = (out / "MODEL_CARD.md").read_text()
-    assert "2-fold cross-validated" in card and "5 held-out images" in card
+    assert "2-fold cross-validated" in card and "5 held-out images" in card and "95% interval" in card
     fold_students = list((out / "work" / "artifacts" / "distill").glob("*/student.safetensors"))
     assert len(fold_students) == 3  # the model + one per fold
+
+
+def test_wilson_interval_is_wide_at_few_images_and_narrows():
+    from tint.fitting import wilson_interval
+
+    low, high = wilson_interval(0.52, 25)
+    assert 0.33 < low < 0.34 and 0.69 < high < 0.71  # 13 of 25: about +-18 points
+    low100, high100 = wilson_interval(0.52, 100)
+    assert high100 - low100 < high - low
+    assert wilson_interval(1.0, 5)[1] == 1.0 and wilson_interval(0.0, 5)[0] == 0.0

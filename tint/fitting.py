@@ -503,6 +503,15 @@ def write_model_folder(ctx, episode, out: Path, images: LabelledImages, snapshot
     write_fit_report(out, ctx, episode, snapshot, estimates, curve)
 
 
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """95% Wilson score interval of an accuracy measured on n images (honest at small n)."""
+    if n == 0:
+        return 0.0, 1.0
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * ((accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) ** 0.5) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def _pct(value) -> str:
     return "not measured" if value is None else f"{100 * value:.1f} %"
 
@@ -513,9 +522,12 @@ def estimate_lines(estimates: dict, snapshot: Snapshot) -> list[str]:
     lines = []
     if estimates.get("cross_validation", {}).get("student") is not None:
         cv = estimates["cross_validation"]
+        low, high = wilson_interval(cv["student"], cv["n_scored"])
         lines.append(f"student accuracy, {cv['folds']}-fold cross-validated on your labelled images "
                      f"({cv['n_scored']} held-out images; fold students see (k-1)/k of them and no "
-                     f"generated images): {_pct(cv['student'])} (teacher on the same folds: {_pct(cv['teacher'])})")
+                     f"generated images): {_pct(cv['student'])}, 95% interval {_pct(low)} to {_pct(high)} "
+                     f"(teacher on the same folds: {_pct(cv['teacher'])}); few images make this wide: "
+                     "docs/fit.md has how it compared with real held-out accuracy")
     if "val" in estimates:
         v = estimates["val"]
         lines.append(f"validation accuracy (--val, {v['n']} images): student {_pct(v['student'])}, "
