@@ -20,21 +20,15 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench_generation import median_time  # the same timing loop (benchmarks/ is on sys.path)
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    fn()  # warm-up: first calls pay allocation and kernel selection
+    return median_time(fn, repeats)
 
 
 def step_seconds(recipe: str, bf16: bool, online, pool, soft, support, args) -> float:

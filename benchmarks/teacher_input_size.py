@@ -20,11 +20,10 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
-import time
 from pathlib import Path
 
 import torch
+from bench_generation import median_time  # the same timing loop (benchmarks/ is on sys.path)
 
 
 def teacher_accuracy(backbone, support, support_labels, query, query_labels, bf16: bool) -> float:
@@ -41,14 +40,9 @@ def teacher_accuracy(backbone, support, support_labels, query, query_labels, bf1
 
 
 def forward_seconds(backbone, batch: torch.Tensor, bf16: bool, repeats: int = 5) -> float:
-    times = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        backbone(batch)
-        for _ in range(repeats):
-            start = time.perf_counter()
-            backbone(batch)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        backbone(batch)  # warm-up
+        return median_time(lambda: backbone(batch), repeats)
 
 
 def main() -> None:

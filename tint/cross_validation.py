@@ -63,7 +63,8 @@ def fold_context(ctx):
 
 def cross_validate(ctx, episode, folds: int) -> dict:
     """Pooled held-out accuracy of k fold students (and of the teacher on the same images)."""
-    from tint.pipeline import _accuracy, distill, fitted_teacher, student_folders
+    from tint.evaluation.evaluate import evaluate_on_episode
+    from tint.pipeline import distill, fitted_teacher, student_folders
     from tint.students.distill import load_student
 
     fold_ctx = fold_context(ctx)
@@ -78,9 +79,9 @@ def cross_validate(ctx, episode, folds: int) -> dict:
         student, _ = load_student(student_folders(fold_ctx, sub, 0)[0] / marker["weights"])
         items, labels = sub.query_items()
         images, labels = ctx.dataset.load_tensor(items), torch.tensor(labels)
-        accuracy = _accuracy(student.to(ctx.device), images.to(ctx.device), labels.to(ctx.device))
         teacher = fitted_teacher(fold_ctx, sub)
         with torch.no_grad():
+            accuracy = evaluate_on_episode(student.to(ctx.device), images.to(ctx.device), labels.to(ctx.device))
             teacher_hits = int((teacher.predict_proba(images).argmax(1).cpu() == labels).sum())
         correct += round(accuracy * len(items))
         teacher_correct += teacher_hits

@@ -512,10 +512,9 @@ def consistent_views(sources: dict[str, DistillSource], names: Sequence[str], co
     """(mixed views of every transfer image, augmented support views, their labels): what the
     student sees at `step`. The teacher labels exactly the first tensor."""
     images, batch = augmented_batch(sources, names, config, step)
-    hard = torch.cat([torch.full((len(batch[n][0]),), batch[n][1] is not None and batch[n][1].dim() == 1)
-                      for n in names]).to(images.device)
-    labels = torch.cat([batch[n][1] for n in names if batch[n][1] is not None and batch[n][1].dim() == 1]
-                       or [torch.zeros(0, dtype=torch.long)]).to(images.device)
+    labelled = [n for n in names if batch[n][1] is not None and batch[n][1].dim() == 1]  # hard labels
+    hard = torch.cat([torch.full((len(batch[n][0]),), n in labelled) for n in names]).to(images.device)
+    labels = torch.cat([batch[n][1] for n in labelled] or [torch.zeros(0, dtype=torch.long)]).to(images.device)
     mixed = mix_batch(images, config.seed, step, config.mix, config.mix_alpha)
     return mixed, images[hard], labels
 
