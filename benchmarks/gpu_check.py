@@ -213,7 +213,9 @@ def pipeline_section(plan: Plan, workdir: Path) -> dict:
             seconds, results = timed(lambda c=config: run_pipeline(config_from_dict(c)),
                                      torch.device("cpu"))
         except Exception as err:  # noqa: BLE001 - a failing device is the finding
-            runs[label] = {"completed": False, "error": f"{type(err).__name__}: {err}"}
+            runs[label] = {"completed": False, "error": f"{type(err).__name__}: {err}",
+                           "traceback": traceback.format_exc()}
+            print(runs[label]["traceback"], file=sys.stderr, flush=True)
             continue
         models = results["models"]
         runs[label] = {
@@ -416,7 +418,8 @@ def markdown(report: dict) -> str:
              f"Device: {report['device']}; torch {report['torch']}; diffusers {report['diffusers']}; "
              f"total {report['seconds']:.0f} s.", "", f"Command: `{report['command']}`", ""]
     lines += pipeline_md(report.get("pipeline", {}))
-    lines += sd15_md(report.get("sd15", {}))
+    if "sd15" in report:
+        lines += sd15_md(report["sd15"])
     util = report.get("utilisation", {})
     lines += ["## (c) Utilisation", "",
               f"Dense matmul (bf16 on CUDA, fp32 on the CPU) measured in this run: "
@@ -504,6 +507,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=420.0,
                         help="optional parts (torch.compile) are skipped past this")
     parser.add_argument("--skip-pipeline", action="store_true")
+    parser.add_argument("--pipeline-only", action="store_true",
+                        help="section (a) alone: re-check a fix without the SD-1.5 timings")
     return parser.parse_args(argv)
 
 
@@ -523,7 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="tint_gpu_check_") as scratch:
         if not args.skip_pipeline:
             guarded("pipeline", report, lambda: pipeline_section(plan, Path(scratch)))
-        guarded("sd15", report, lambda: sd15_section(plan, device, clock))
+        if not args.pipeline_only:
+            guarded("sd15", report, lambda: sd15_section(plan, device, clock))
     report["utilisation"] = utilisation(report, plan)
     report["seconds"] = clock.elapsed()
     args.out.mkdir(parents=True, exist_ok=True)

@@ -396,9 +396,18 @@ def test_pretrain_command_end_to_end(tmp_path: Path, tiny_text, monkeypatch) -> 
     provenance = (export / "PROVENANCE.md").read_text()
     assert marker["data_digest"] in provenance and "tint pretrain-generator" in provenance
     assert (export / "loss_curve.png").is_file()
-    # resume once more without the openclipart files (as on a GPU machine)
+    # resume once more without the openclipart files and without the text encoder (as on a
+    # GPU machine): the pool and the caption states come from the run folder's caches
     monkeypatch.setattr(pretrain, "build_pool_files", None)
+    load_encoder = pretrain.sg.load_text_encoder
+
+    def no_encoder(*args, **kwargs):
+        raise AssertionError("the text encoder was loaded despite captions.safetensors")
+
+    monkeypatch.setattr(pretrain.sg, "load_text_encoder", no_encoder)
+    assert (out / pretrain.CAPTIONS).is_file()
     assert main([*argv[:-4], "--max-steps", "4", "--pool-from-cache", "--no-grid"]) == 0
+    monkeypatch.setattr(pretrain.sg, "load_text_encoder", load_encoder)
     assert json.loads((out / "summary.json").read_text())["steps"] == 4
     parts = sg.load_small_generator_parts(export)  # (real MiniLM: the marker names it)
     assert next(parts["unet"].parameters()).dtype == torch.float32

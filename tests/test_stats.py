@@ -239,3 +239,21 @@ def test_paper_section_3_3_episodes():
     # the chosen 120 episodes give a 95% CI of +-0.51 % (paper's Table 5 reports 0.50)
     half = ci_half_width_from_variance(estimator_variance(0.93, 0.028, 120, Q), 120)
     assert round(100 * half, 2) == 0.51
+
+
+class _DeviceCheckingModel(torch.nn.Module):
+    """Weights on the `meta` device: forward fails unless its input was moved there, as a
+    student on CUDA would with CPU queries (found on a GPU by benchmarks/gpu_check.py)."""
+
+    def __init__(self, n_way: int) -> None:
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(n_way, device="meta"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.device == self.weight.device, f"input on {x.device}, weights on {self.weight.device}"
+        return torch.nn.functional.one_hot(torch.arange(len(x)) % 3, 3).float()
+
+
+def test_evaluate_on_episode_moves_queries_to_the_models_device():
+    images, labels = torch.zeros(7, 3, 4, 4), torch.arange(7) % 3
+    assert evaluate_on_episode(_DeviceCheckingModel(3), images, labels, batch_size=3) == 1.0

@@ -41,6 +41,7 @@ CHECKPOINT = "checkpoint.safetensors"
 POOL_CACHE = "pool.npz"
 POOL_FILES = "pool_files.json"
 LOSSES = "losses.json"
+CAPTIONS = "captions.safetensors"
 
 
 # --------------------------------------------------------------------------------------
@@ -385,12 +386,13 @@ def train(
         optimizer.step()
         update_ema(ema, unet, state.step, cfg.ema_decay)
         state.step += 1
-        window.append(float(loss.detach()))
-        if len(window) == 25:
-            state.losses.append([state.step, sum(window) / len(window)])
-            window = []
+        window.append(loss.detach())
         bar.update(1)
-        bar.set_postfix(loss=f"{window[-1] if window else float(loss.detach()):.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
+        if len(window) == 25:  # one device sync per 25 steps, not one per step
+            mean = float(torch.stack(window).float().mean())
+            state.losses.append([state.step, mean])
+            window = []
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{optimizer.param_groups[0]['lr']:.1e}")
         if time.time() - last_ckpt > 60 * checkpoint_minutes:
             checkpoint()
             last_ckpt = time.time()
@@ -546,6 +548,27 @@ def caption_table(categories: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return table, sg.encode_text(encoder, tokenizer, [""])
 
 
+def cached_caption_table(out_dir: Path, categories: list[str],
+                         from_cache: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The caption table, encoded once per run folder and kept in ``captions.safetensors``.
+
+    With ``--pool-from-cache`` the cached table is used as it is, so a machine without the
+    text-encoder package (a GPU machine: MiniLM's 90 MB wheel is too large to carry) trains
+    on exactly the states this machine's encoder produced.
+    """
+    path = out_dir / CAPTIONS
+    captions = [caption_for(c) for c in categories]
+    if from_cache and path.is_file():
+        tensors, meta = load_tensors(path)
+        if (meta or {}).get("captions") == captions:
+            return tensors["table"], tensors["empty"]
+        LOG.warning("%s: made for other categories; encoding the captions again", path)
+    table, empty = caption_table(categories)
+    save_tensors(path, {"table": table.contiguous(), "empty": empty.contiguous()},
+                 {"captions": captions, "text_encoder": sg.TEXT_ENCODER_PACKAGE})
+    return table, empty
+
+
 def run(args: argparse.Namespace) -> int:
     set_threads(args.threads)
     out_dir = Path(args.out)
@@ -567,7 +590,7 @@ def run(args: argparse.Namespace) -> int:
         images, labels, categories = load_pool(out_dir, cfg.resolution,
                                                build_pool_files(cfg.include_abstract))
     LOG.info("pool: %d images, %d categories", len(images), len(categories))
-    text_table, empty_text = caption_table(categories)
+    text_table, empty_text = cached_caption_table(out_dir, categories, args.pool_from_cache)
     weights = sampling_weights(labels, categories, cfg.abstract_share)
     unet, ema, state = train(out_dir, cfg, images, labels, text_table, empty_text, weights,
                              max_steps=args.max_steps, deadline=deadline,
@@ -575,16 +598,28 @@ def run(args: argparse.Namespace) -> int:
                              precision=precision,
                              init_from=Path(args.init_from) if args.init_from else None)
     LOG.info("stopped at step %d after %.0f s of training", state.step, state.wall_s)
-    finish(out_dir, ema, categories, state, cfg, args)
+    finish(out_dir, ema, categories, state, cfg, args, hardware_label(device, args.threads, precision))
     return 0
 
 
-def finish(out_dir: Path, ema, categories, state: TrainState, cfg: PretrainConfig, args) -> None:
+def hardware_label(device: torch.device, threads: int, precision: str) -> str:
+    """Where the run trained, for PROVENANCE.md (a GPU run must not read as a CPU one)."""
+    import os
+    import platform
+
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, {precision}, torch {torch.__version__}"
+    return (f"{threads} torch thread(s) on a CPU shared with other jobs ({platform.machine()}, "
+            f"{os.cpu_count()} cores, torch {torch.__version__}), {precision}")
+
+
+def finish(out_dir: Path, ema, categories, state: TrainState, cfg: PretrainConfig, args,
+           hardware: str = "") -> None:
     """Loss curve, EMA export (fp32 in the run folder, fp16 where asked), sample grid."""
     plot_losses(state.losses or [], out_dir / "loss_curve.png")
     pool = read_json(out_dir / POOL_FILES)
     extra = {"steps": state.step, "train_wall_s": round(state.wall_s), "seed": cfg.seed,
-             "data_digest": pool["digest"], "config": asdict(cfg)}
+             "data_digest": pool["digest"], "config": asdict(cfg), "hardware": hardware}
     sg.save_small_generator(out_dir / "generator", ema, resolution=cfg.resolution,
                             size=cfg.size, extra=extra)
     if args.export:
@@ -616,8 +651,6 @@ def training_command(out_dir: Path) -> str:
 
 def write_provenance(out_dir: Path, export: Path, summary: dict, pool: dict) -> None:
     """PROVENANCE.md + loss curve (+ sample grid) beside the exported generator."""
-    import os
-    import platform
     import shutil
 
     for name in ("loss_curve.png", "samples.png", "samples.txt"):
@@ -634,8 +667,7 @@ def write_provenance(out_dir: Path, export: Path, summary: dict, pool: dict) -> 
 - Command: `OMP_NUM_THREADS=1 {training_command(out_dir)}` (then exported with
   `--finish-only --export {export}`; both are `tint pretrain-generator`).
 - Seed: {summary['seed']}. Steps: {summary['steps']}. Training wall time: {summary['train_wall_s']} s
-  ({hours:.2f} h), 1 torch thread on a CPU shared with other jobs
-  ({platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}).
+  ({hours:.2f} h) on {summary.get('hardware') or 'a CPU'}.
 - Final training loss (v-MSE, 25-step mean): {summary['final_loss']}.
 - Data: openclipart-png pool of {summary['images']} images in {summary['categories']} categories
   (every usable image outside the val/novel classes, abstract categories included at 35% of

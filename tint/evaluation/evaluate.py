@@ -124,6 +124,16 @@ def _is_fraction(value: object) -> bool:
 
 
 @torch.inference_mode()
+def on_model_device(predict_fn: PredictFn, batch: torch.Tensor) -> torch.Tensor:
+    """A module's input goes where its weights are (a student on CUDA, queries on the CPU);
+    any other callable gets the batch as it is and places it itself."""
+    if isinstance(predict_fn, torch.nn.Module):
+        weights = next(iter(predict_fn.parameters()), None)
+        if weights is not None:
+            return batch.to(weights.device)
+    return batch
+
+
 def evaluate_on_episode(
     predict_fn: PredictFn,
     images: torch.Tensor | Sequence[Any],
@@ -137,7 +147,7 @@ def evaluate_on_episode(
     tensor of all queries, or a sequence of item ids together with `load_fn` (ids ->
     [b,3,H,W] tensor) so that "all remaining" query sets are never in memory at once.
     """
-    target = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    target = torch.as_tensor(labels, dtype=torch.long).reshape(-1).cpu()
     if len(images) != target.numel():
         raise TintError(f"episode evaluation: {len(images)} query images for {target.numel()} labels")
     if target.numel() == 0:
@@ -148,6 +158,6 @@ def evaluate_on_episode(
     for start in range(0, target.numel(), batch_size):
         chunk = images[start : start + batch_size]
         batch = chunk if load_fn is None else load_fn(chunk)
-        predicted = predict_fn(batch).argmax(dim=1).cpu()
+        predicted = predict_fn(on_model_device(predict_fn, batch)).argmax(dim=1).cpu()
         correct += int((predicted == target[start : start + batch_size]).sum())
     return correct / target.numel()
