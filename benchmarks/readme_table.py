@@ -97,7 +97,7 @@ def recipes_block() -> str:
 
 
 def embedded_generator_fingerprint() -> str:
-    from tint.pipeline import backbone_fingerprint
+    from tint.stage_bodies import backbone_fingerprint
 
     return backbone_fingerprint("tint-clipart")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tint.data.episodes import load_episodes
 from tint.data.openclipart import load_openclipart
-from tint.pipeline import resolve_episode_file
+from tint.stage_bodies import resolve_episode_file
 
 EPISODES = "builtin:openclipart-novel-5w5s"
 

@@ -61,7 +61,8 @@ def test_paired_differences_skip_rows_with_other_episode_counts():
 def test_stage_lock_makes_a_concurrent_run_wait_and_reuse(tmp_path):
     """Two runs sharing a store ask for the same artifact at once: it is computed once."""
     from tint.config import config_from_dict
-    from tint.pipeline import RunContext, run_stage
+    from tint.engine import run_stage
+    from tint.stage_bodies import RunContext
 
     config = config_from_dict({"name": "x", "run_dir": str(tmp_path / "run")})
     calls: list[str] = []
@@ -92,7 +93,7 @@ def test_no_synthetic_images_means_the_no_synthetic_student(tmp_path):
     """A count of 0 with `synthetic` in the sources is the `generator: none` student, so
     a count sweep's 0 shares its distillation with the none cell of another table."""
     from tint.config import config_from_dict
-    from tint.pipeline import EpisodeData, RunContext, distill_config
+    from tint.stage_bodies import EpisodeData, RunContext, distill_config
 
     episode = EpisodeData(0, tmp_path, ["a"], [["a/1"]], [["a/2"]], [], {"e": 0})
 

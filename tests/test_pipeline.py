@@ -336,7 +336,8 @@ def test_the_no_synthetic_student_is_shared_across_generator_settings(data_root,
 
 
 def test_the_unit_graph_is_data_in_a_runnable_order(data_root, tmp_path):
-    from tint.pipeline import make_context, plan_units, prepare, unit_done
+    from tint.stage_bodies import make_context, prepare
+    from tint.stages import plan_units, unit_done
 
     ctx = make_context(config_from_dict(_small(data_root, tmp_path / "run")))
     episodes = prepare(ctx)
@@ -354,7 +355,8 @@ def test_the_unit_graph_is_data_in_a_runnable_order(data_root, tmp_path):
 def test_consistent_recipe_labels_online_with_no_label_stages(data_root, tmp_path):
     """Issue 21: distill.recipe=consistent needs the teacher and the images, not the
     pseudo-label stages; it is keyed apart from the paper recipe and resumes for free."""
-    from tint.pipeline import make_context, plan_units, prepare
+    from tint.stage_bodies import make_context, prepare
+    from tint.stages import plan_units, student_location
 
     overrides = {"distill.recipe": "consistent", "distill.teacher_size": 16, "distill.warmup": 2,
                  "distill.feature_weight": 1.0}
@@ -377,8 +379,6 @@ def test_consistent_recipe_labels_online_with_no_label_stages(data_root, tmp_pat
     assert 0 <= accuracy["teacher-online"] <= 1 and "teacher-online" in results["models"]
     paper = config_from_dict(_small(data_root, tmp_path / "paper"))
     paper_folder = make_context(paper).store  # same episode, paper recipe: another student
-    from tint.pipeline import distill_key
-
     ctx_paper = make_context(paper)
-    assert distill_key(ctx_paper, prepare(ctx_paper)[0], 0) != distill_key(ctx, episodes[0], 0)
+    assert student_location(ctx_paper, prepare(ctx_paper)[0], 0)[1] != student_location(ctx, episodes[0], 0)[1]
     assert paper_folder != store

@@ -51,7 +51,7 @@ def fold_episode(episode, kept: list[list[str]], held: list[list[str]], fold: in
 def fold_context(ctx):
     """The fit's context with its student reading no generated images (they saw every
     labelled image); models and data loaded once are shared."""
-    from tint.pipeline import make_context
+    from tint.stage_bodies import make_context
 
     students = [replace(s, sources=[n for n in (s.sources or ctx.config.distill.sources) if n != "synthetic"])
                 for s in ctx.config.students]
@@ -64,7 +64,7 @@ def fold_context(ctx):
 def cross_validate(ctx, episode, folds: int) -> dict:
     """Pooled held-out accuracy of k fold students (and of the teacher on the same images)."""
     from tint.evaluation.evaluate import evaluate_on_episode
-    from tint.pipeline import distill, fitted_teacher, student_folders
+    from tint.stages import fitted_teacher, trained_student
     from tint.students.distill import load_student
 
     fold_ctx = fold_context(ctx)
@@ -75,13 +75,13 @@ def cross_validate(ctx, episode, folds: int) -> dict:
         if not any(held):
             continue
         sub = fold_episode(episode, kept, held, fold)
-        marker = distill(fold_ctx, sub, 0)
-        student, _ = load_student(student_folders(fold_ctx, sub, 0)[0] / marker["weights"])
+        trained = trained_student(fold_ctx, sub, 0)
+        model, _ = load_student(trained.folder / trained.marker["weights"])
         items, labels = sub.query_items()
         images, labels = ctx.dataset.load_tensor(items), torch.tensor(labels)
         teacher = fitted_teacher(fold_ctx, sub)
         with torch.no_grad():
-            accuracy = evaluate_on_episode(student.to(ctx.device), images.to(ctx.device), labels.to(ctx.device))
+            accuracy = evaluate_on_episode(model.to(ctx.device), images.to(ctx.device), labels.to(ctx.device))
             teacher_hits = int((teacher.predict_proba(images).argmax(1).cpu() == labels).sum())
         correct += round(accuracy * len(items))
         teacher_correct += teacher_hits

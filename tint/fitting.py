@@ -327,21 +327,16 @@ def episode_config(cfg, images: LabelledImages, snapshot: Snapshot, work: Path):
 def run_units(config):
     """Prepare the episode and run every unit but `evaluate` (there is no query set)."""
     from tint.io import set_threads
-    from tint.pipeline import (
-        LOGGER,
-        make_context,
-        plan_units,
-        prepare,
-        run_unit,
-        validate_components,
-    )
+    from tint.pipeline import LOGGER, validate_components
+    from tint.stage_bodies import make_context, prepare
+    from tint.stages import plan_units, run_unit, units_without_queries
 
     validate_components(config)
     ctx = make_context(config)
     set_threads(config.threads)
     LOGGER.info("tint fit -> %s (device %s)", ctx.run_dir, ctx.device)
     episodes = prepare(ctx)
-    units = [u for u in plan_units(ctx, episodes) if u.stage != "evaluate"]
+    units = units_without_queries(plan_units(ctx, episodes))
     for unit in units:  # in this process, in the plan's order
         run_unit(ctx, episodes, unit)
     return ctx, episodes[0]
@@ -352,13 +347,13 @@ def run_units(config):
 
 def estimate(ctx, episode, snapshot: Snapshot, val: LabelledImages | None, folds: int = 0) -> dict:
     """The `estimate` stage: keyed like any unit, so a rerun reuses it."""
-    from tint.engine import run_stage, stable_hash
-    from tint.pipeline import distill_key, generation_key, teacher_key
+    from tint.engine import run_stage
+    from tint.stages import generation_folder, student_location, teacher_key
 
     held_ctx = held_out_context(ctx)
     key = {
-        "teacher": teacher_key(ctx), "student": distill_key(ctx, episode, 0),
-        "held_out_generated": [stable_hash(generation_key(held_ctx, episode, c))
+        "teacher": teacher_key(ctx), "student": student_location(ctx, episode, 0)[1],
+        "held_out_generated": [generation_folder(held_ctx, episode, c).name
                                for c in range(episode.n_way)] if has_generator(ctx) else [],
         "held_out_unlabeled": [p.name for p in snapshot.held_out_unlabeled],
         "val": val.sha256() if val is not None else None,
@@ -369,14 +364,14 @@ def estimate(ctx, episode, snapshot: Snapshot, val: LabelledImages | None, folds
 
 
 def has_generator(ctx) -> bool:
-    from tint.pipeline import uses_synthetic
+    from tint.stage_bodies import uses_synthetic
 
     return uses_synthetic(ctx)
 
 
 def held_out_context(ctx):
     """Same specialisations, another generation seed: images the student never saw."""
-    from tint.pipeline import make_context
+    from tint.stage_bodies import make_context
 
     gen = replace(ctx.config.generator, seed=ctx.config.generator.seed + 1_000_003,
                   images_per_class=HELD_OUT_GENERATED)
@@ -388,7 +383,7 @@ def held_out_context(ctx):
 def compute_estimates(ctx, held_ctx, episode, snapshot: Snapshot, val: LabelledImages | None,
                       folds: int = 0) -> dict:
     from tint.cross_validation import cross_validate
-    from tint.pipeline import fitted_teacher, synthetic_paths
+    from tint.stages import fitted_teacher, synthetic_paths
 
     teacher = fitted_teacher(ctx, episode)
     student = load_fitted_student(ctx, episode)
@@ -406,11 +401,11 @@ def compute_estimates(ctx, held_ctx, episode, snapshot: Snapshot, val: LabelledI
 
 
 def load_fitted_student(ctx, episode):
-    from tint.pipeline import distill, student_folders
+    from tint.stages import trained_student
     from tint.students.distill import load_student
 
-    marker = distill(ctx, episode, 0)  # finished: verified and skipped
-    model, _meta = load_student(student_folders(ctx, episode, 0)[0] / marker["weights"])
+    trained = trained_student(ctx, episode, 0)  # finished: verified and skipped
+    model, _meta = load_student(trained.folder / trained.marker["weights"])
     return model.to(ctx.device).eval()
 
 
@@ -482,10 +477,10 @@ def val_accuracy(ctx, teacher, student, episode, val: LabelledImages) -> dict:
 def write_model_folder(ctx, episode, out: Path, images: LabelledImages, snapshot: Snapshot,
                        estimates: dict, sha: str, seconds: float) -> None:
     from tint.model_folder import output_file
-    from tint.pipeline import distill, export_location
+    from tint.stages import export_folder, trained_student
     from tint.students.models import IMAGENET_MEAN, IMAGENET_STD
 
-    folder, _, _ = export_location(ctx, episode, 0)
+    folder = export_folder(ctx, episode, 0)
     for src, dst in (("student.onnx", "model.onnx"), ("student.pt", "model.pt")):
         if (folder / src).is_file():
             with output_file(out, dst) as tmp:
@@ -497,7 +492,7 @@ def write_model_folder(ctx, episode, out: Path, images: LabelledImages, snapshot
         std=IMAGENET_STD, training={"images": images.counts(), "sha256": sha})
     with output_file(out, LABELS_FILE) as tmp:
         tmp.write_text(json.dumps(labels, indent=2) + "\n")
-    curve = distill(ctx, episode, 0).get("curve", [])
+    curve = trained_student(ctx, episode, 0).marker.get("curve", [])
     with output_file(out, "MODEL_CARD.md") as tmp:
         tmp.write_text(model_card(ctx, images, snapshot, estimates, sha, seconds))
     write_fit_report(out, ctx, episode, snapshot, estimates, curve)
@@ -608,7 +603,7 @@ This is {which}.
 def write_fit_report(out: Path, ctx, episode, snapshot: Snapshot, estimates: dict, curve: list) -> Path:
     from tint import report
     from tint.model_folder import output_file
-    from tint.pipeline import synthetic_paths
+    from tint.stages import synthetic_paths
 
     figures = out / "report"
     figures.mkdir(parents=True, exist_ok=True)
@@ -678,10 +673,10 @@ def fit_identity(images: LabelledImages, cfg, unlabeled: Path | None,
 def _fit_claimed(out: Path, work: Path, images: LabelledImages, cfg, unlabeled: Path | None,
                  val_images: LabelledImages | None, start: float, folds: int = 0) -> Path:
     """The fit itself, once the model folder is claimed."""
-    from tint.pipeline import LOGGER, _attach_log
+    from tint.pipeline import LOGGER, attach_log
 
     work.mkdir(parents=True, exist_ok=True)
-    handler = _attach_log(work / "log.txt")
+    handler = attach_log(work / "log.txt")
     try:
         snapshot = make_snapshot(images, cfg, work, unlabeled)
         LOGGER.info("tint fit: %d labelled images in %d classes; unlabelled pool: %s",

@@ -7,21 +7,44 @@ the format `tint plan --from-results` reads.
 
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any
 
 from tint.engine import DONE
 from tint.io import read_json
 
-STAGES = ("prepare", "specialize", "generate", "teacher", "pseudo-label",
-          "distill", "evaluate", "export", "report")
+LOGGER = logging.getLogger("tint")
+
+
+def report(ctx: Any, episodes: list) -> dict:
+    """results.json, one result file per model, report.html (step 5 of `tint run`, and a
+    Ray run's partial reports as episodes finish); returns the results."""
+    from tint.config import dump_config
+    from tint.io import write_json
+    from tint.report import summary_lines, write_report
+    from tint.stages import evaluation, synthetic_paths
+
+    evaluations = [{**evaluation(ctx, ep), "synthetic": synthetic_paths(ctx, ep)} for ep in episodes]
+    results = collect_results(ctx, episodes, evaluations)
+    write_model_results(ctx, results)
+    if ctx.config.report.enabled:
+        start = time.perf_counter()
+        write_report(ctx.run_dir, results, dump_config(ctx.config), ctx.config.report.grid_images)
+        results["timings"]["report"] = round(time.perf_counter() - start, 2)
+    write_json(ctx.run_dir / "results.json", public_results(results))
+    LOGGER.info("results: %s", "; ".join(summary_lines(results)[1:]))
+    return results
 
 
 def collect_results(ctx: Any, episodes: list, evaluations: list[dict]) -> dict:
     from tint.evaluation.stats import mean_ci
 
     config = ctx.config
-    online = ["teacher-online"] if config.distill.consistent else []  # tint.pipeline.ONLINE_TEACHER
+    from tint.stage_bodies import ONLINE_TEACHER
+
+    online = [ONLINE_TEACHER] if config.distill.consistent else []
     models = ["teacher", *online] + [s.name for s in config.students]
     rows = []
     for episode, evaluation in zip(episodes, evaluations, strict=True):
@@ -53,7 +76,9 @@ def public_results(results: dict) -> dict:
 
 def stage_timings(markers: dict[str, dict]) -> dict[str, float]:
     """Seconds per stage over the markers this run used (time of the first computation)."""
-    totals = dict.fromkeys(STAGES, 0.0)
+    from tint.stages import timed_stages
+
+    totals = dict.fromkeys(timed_stages(), 0.0)
     for marker in markers.values():
         totals[marker["stage"]] = totals.get(marker["stage"], 0.0) + float(marker.get("seconds", 0.0))
     return {stage: round(seconds, 2) for stage, seconds in totals.items()}

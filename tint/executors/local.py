@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 def run_units(ctx, episodes, units) -> None:
-    from tint.pipeline import run_unit
+    from tint.stages import run_unit
 
     for unit in units:
         run_unit(ctx, episodes, unit)

@@ -254,11 +254,6 @@ def _error_text(err: BaseException) -> str:
 
 # ----------------------------------------------------------------------------- tint's units on Ray
 
-# executor.gpus names the stages a user knows; label-base is the teacher's pass over the base
-# images, so it asks for what pseudo-label asks for.
-STAGE_RESOURCES = {"teacher": "teacher", "specialize": "specialize", "generate": "generate",
-                   "label-base": "pseudo-label", "pseudo-label": "pseudo-label", "distill": "distill",
-                   "evaluate": "evaluate", "export": "export"}
 # Workers draw no progress bars (tqdm reads this when imported, before a task starts).
 WORKER_ENV = {"TQDM_DISABLE": "1"}
 FAULTS_ENV = "TINT_RAY_TEST_FAULTS"  # tests: a folder of one-shot fault files (see _test_fault)
@@ -287,8 +282,9 @@ def run_experiment_cells(configs: list, store: Path, hooks: dict | None = None) 
     from contextlib import ExitStack
 
     from tint.config import dump_config
-    from tint.pipeline import make_context, plan_units, prepare
     from tint.rundir import claim_run_dir
+    from tint.stage_bodies import make_context, prepare
+    from tint.stages import plan_units
 
     with ExitStack() as claimed:  # each cell's run dir, as its own `tint run` would claim it
         cells = []
@@ -474,17 +470,26 @@ def stage_resources(executor, stage: str, device: str = "auto",
     on the CPU anyway; Ray would otherwise wait for ever for a GPU no node has (or, before
     that, check_resources refuses it). An explicit `cuda` keeps its request, so a cluster
     without GPUs refuses it clearly."""
-    unknown = sorted(set(executor.gpus) - set(STAGE_RESOURCES.values()))
+    from tint.stages import default_gpus
+
+    unknown = sorted(set(executor.gpus) - set(default_gpus()))
     if unknown:
         raise TintError(f"executor.gpus.{unknown[0]}: unknown stage; choose from "
-                        f"{', '.join(sorted(set(STAGE_RESOURCES.values())))}")
-    gpus = float(executor.gpus.get(STAGE_RESOURCES.get(stage, stage), 0.0))
+                        f"{', '.join(sorted(default_gpus()))}")
+    gpus = float(executor.gpus.get(resource_name(stage), 0.0))
     if device == "cpu" or (device == "auto" and cluster_gpus == 0):
         gpus = 0.0
     return {"num_cpus": float(executor.cpus), "num_gpus": gpus}
 
 
 # ----------------------------------------------------------------------------- fail fast
+
+
+def resource_name(stage: str) -> str:
+    """The executor.gpus entry a unit of `stage` asks by (the stage table's engine name)."""
+    from tint.stages import STAGES
+
+    return STAGES[stage].runs_as if stage in STAGES else stage
 
 
 def check_resources(ray, tasks: list[Task]) -> None:
@@ -498,7 +503,7 @@ def check_resources(ray, tasks: list[Task]) -> None:
         seen.add((task.stage, cpus, gpus))
         if not any(n.get("CPU", 0) >= cpus and n.get("GPU", 0) >= gpus for n in nodes):
             largest = max(nodes, key=lambda n: (n.get("GPU", 0), n.get("CPU", 0)), default={})
-            option = f"executor.gpus.{STAGE_RESOURCES.get(task.stage, task.stage)}"
+            option = f"executor.gpus.{resource_name(task.stage)}"
             no_gpu = ""
             if not any(n.get("GPU", 0) for n in nodes):  # only an explicit cuda device asks
                 no_gpu = ("; this cluster has no GPUs: run with --device auto (or cpu), which asks "
@@ -595,7 +600,8 @@ def _run_unit_on_worker(cells: list, store: str, payload: tuple) -> dict:
     from tint.config import config_from_dict
     from tint.engine import stable_hash
     from tint.io import set_threads
-    from tint.pipeline import make_context, run_unit
+    from tint.stage_bodies import make_context
+    from tint.stages import run_unit
 
     start = time.perf_counter()
     config_data, run_dir, episodes = cells[cell]
@@ -688,17 +694,16 @@ def _test_stall(unit_id: str, ctx) -> bool:
 
 
 def unit_done(cell: Cell, unit) -> bool:
-    from tint.pipeline import unit_done as done
+    from tint.stages import unit_done as done
 
     return done(cell.ctx, cell.episodes, unit)
 
 
 def artifact_folder(cell: Cell, unit) -> str:
     """Where the unit's artifact goes (content-keyed): equal folders are one artifact."""
-    from tint.pipeline import unit_location
+    from tint.stages import artifact_folder as folder
 
-    episode = cell.episodes[unit.episode] if unit.episode is not None else None
-    return str(unit_location(cell.ctx, episode, unit)[0])
+    return str(folder(cell.ctx, cell.episodes, unit))
 
 
 def _on_finish(cells: list[Cell]) -> Callable[[Task, Any], None]:
@@ -723,17 +728,18 @@ def _on_finish(cells: list[Cell]) -> Callable[[Task, Any], None]:
 def _report_as_episodes_finish(cells: list[Cell]) -> Callable[[Task, Any], None]:
     """Rewrite results.json and the report when an episode's evaluation finishes (at most
     once a minute), over the episodes finished so far, in order."""
-    from tint.pipeline import Unit, report
+    from tint.results import report
+    from tint.stages import evaluation_unit, is_evaluation
 
     cell = cells[0]
     last = [time.monotonic()]
 
     def on_finish(task: Task, result: Any) -> None:
-        if task.stage != "evaluate" or time.monotonic() - last[0] < 60:
+        if not is_evaluation(task.stage) or time.monotonic() - last[0] < 60:
             return
         finished = []
         for ep in cell.episodes:
-            if not unit_done(cell, Unit("evaluate", ep.index)):
+            if not unit_done(cell, evaluation_unit(ep)):
                 break
             finished.append(ep)
         if finished and len(finished) < len(cell.episodes):
