@@ -527,10 +527,11 @@ def student_sources(ctx: RunContext, student_cfg: StudentConfig) -> tuple[str, .
 
 
 def distill_config(ctx: RunContext, episode: EpisodeData, student_cfg: StudentConfig, repeat: int = 0):
-    """The student's DistillConfig. Its seed comes from the episode and the repeat, never
-    from the student's name or the synthetic set: students of one episode start from
-    the same initialisation and draw the same random numbers for what they share, so a
-    paired difference between them measures their data, not their seeds."""
+    """The student's DistillConfig. Its seed (batches, augmentations, mixing) comes from the
+    episode and the repeat, never from the student's name or the synthetic set: students
+    of one episode draw the same random numbers for what they share. Their initial weights
+    are not drawn from it: the engine seeds the distill stage from its key, which differs
+    between sources (docs/pipeline.md, "Students share their batch randomness")."""
     config = ctx.config.distill
     sources = student_sources(ctx, student_cfg)
     if not has_synthetic(ctx):  # no synthetic images: the same student as `generator: none`

@@ -92,8 +92,8 @@ class DistillConfig:
     log_every: int = 10  # loss entries in the history
     device: str = "cpu"  # e.g. "cuda"; exact resume is guaranteed on CPU only
     seed: int = 0
-    # Students per episode with different initialisation seeds, accuracies averaged per
-    # episode (the pipeline trains them; not part of one student's key).
+    # Students per episode with different seeds (initial weights, batches), accuracies
+    # averaged per episode (the pipeline trains them; not part of one student's key).
     repeats: int = 1
     # The recipe (module docstring). The fields below it are read by `consistent` only.
     recipe: str = "paper"
