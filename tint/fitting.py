@@ -1,8 +1,8 @@
 """`tint fit`: a folder of labelled photos -> a tiny classifier anyone can run.
 
 ``DATA_DIR/<class>/<images>`` (2+ classes, 1+ images each) goes through the same units
-of work as `tint run` (tint.pipeline: specialise, generate, teacher, pseudo-label,
-distil, export), in one episode whose support set is every labelled image. The data
+of work as `tint run` (tint.pipeline.run_units over the stage table: specialise, generate,
+teacher, pseudo-label, distil, export), in one episode whose support set is every labelled image. The data
 flow, top to bottom::
 
     1. read the labelled folder          classes, images, one SHA-256 over all of them
@@ -324,21 +324,17 @@ def episode_config(cfg, images: LabelledImages, snapshot: Snapshot, work: Path):
 # ----------------------------------------------------------------------------- 3. the pipeline
 
 
-def run_units(config):
-    """Prepare the episode and run every unit but `evaluate` (there is no query set)."""
-    from tint.io import set_threads
-    from tint.pipeline import LOGGER, validate_components
-    from tint.stage_bodies import make_context, prepare
-    from tint.stages import plan_units, run_unit, units_without_queries
+def run_fit_units(config):
+    """`tint run`'s steps 2-4 on the fit's one episode, without `evaluate` (there is no
+    query set); the fit's own stages follow."""
+    from tint.pipeline import LOGGER, run_units, validate_components
+    from tint.stage_bodies import make_context
+    from tint.stages import units_without_queries
 
     validate_components(config)
     ctx = make_context(config)
-    set_threads(config.threads)
     LOGGER.info("tint fit -> %s (device %s)", ctx.run_dir, ctx.device)
-    episodes = prepare(ctx)
-    units = units_without_queries(plan_units(ctx, episodes))
-    for unit in units:  # in this process, in the plan's order
-        run_unit(ctx, episodes, unit)
+    episodes = run_units(ctx, units_without_queries)
     return ctx, episodes[0]
 
 
@@ -613,19 +609,19 @@ def write_fit_report(out: Path, ctx, episode, snapshot: Snapshot, estimates: dic
     results = {"models": [name], "summary": {},
                "episodes": [{"index": 0, "classes": episode.classes, "support": support,
                              "generated": generated, "curves": {name: curve}}]}
-    grid = report._image_grid(results["episodes"][0], figures / "images.png", ctx.config.report.grid_images)
-    curves = report._plot_curves(results, figures)
+    grid = report.image_grid(results["episodes"][0], figures / "images.png", ctx.config.report.grid_images)
+    curves = report.plot_curves(results, figures)
     estimates_html = "".join(f"<li>{html.escape(line)}</li>" for line in estimate_lines(estimates, snapshot))
     body = "\n".join([
         f"<h2>Accuracy</h2><ul>{estimates_html}</ul><p>See MODEL_CARD.md for what each figure means.</p>",
         f"<h2>Labelled and generated images</h2><p>Per class: your images, then up to "
-        f"{ctx.config.report.grid_images} generated ones.</p>{report._img(grid)}",
-        report._figure_section("Accuracy on the labelled (training) images during distillation: "
+        f"{ctx.config.report.grid_images} generated ones.</p>{report.img_tag(grid)}",
+        report.figure_section("Accuracy on the labelled (training) images during distillation: "
                                "a fit check, not an accuracy estimate", curves),
         f"<h2>Unlabelled images</h2><p>{html.escape(snapshot.pool)}</p>",
     ])
     with output_file(out, "report.html") as tmp:
-        tmp.write_text(report._page(f"tint fit: {', '.join(episode.classes)}", body))
+        tmp.write_text(report.html_page(f"tint fit: {', '.join(episode.classes)}", body))
     return out / "report.html"
 
 
@@ -681,7 +677,7 @@ def _fit_claimed(out: Path, work: Path, images: LabelledImages, cfg, unlabeled: 
         snapshot = make_snapshot(images, cfg, work, unlabeled)
         LOGGER.info("tint fit: %d labelled images in %d classes; unlabelled pool: %s",
                     sum(images.counts().values()), len(images.classes), snapshot.pool)
-        ctx, episode = run_units(episode_config(cfg, images, snapshot, work))
+        ctx, episode = run_fit_units(episode_config(cfg, images, snapshot, work))
         estimates = estimate(ctx, episode, snapshot, val_images, folds)
         estimates = {k: v for k, v in estimates.items() if k in (
             "teacher_leave_one_out", "agreement_generated", "agreement_unlabeled", "val", "cross_validation")}

@@ -27,7 +27,7 @@ from tint.stage_bodies import EpisodeData, RunContext, make_context, prepare
 from tint.stages import Unit, plan_units
 
 LOGGER = logging.getLogger("tint")
-__all__ = ["NonFiniteError", "attach_log", "execute", "report", "run_pipeline", "validate_components"]
+__all__ = ["NonFiniteError", "attach_log", "execute", "report", "run_pipeline", "run_units", "validate_components"]
 
 
 def run_pipeline(config: RunConfig, store: str | Path | None = None,
@@ -44,15 +44,21 @@ def run_pipeline(config: RunConfig, store: str | Path | None = None,
     with claim_run_dir(ctx.run_dir, dump_config(config), allow_config_change):
         handler = attach_log(ctx.run_dir / "log.txt")
         try:
-            set_threads(config.threads)
             LOGGER.info("tint run %s -> %s (device %s)", config.name, ctx.run_dir, ctx.device)
-            episodes = prepare(ctx)
-            units = plan_units(ctx, episodes)
-            execute(ctx, episodes, units)
+            episodes = run_units(ctx)
             return report(ctx, episodes)
         finally:
             LOGGER.removeHandler(handler)
             handler.close()
+
+
+def run_units(ctx: RunContext, select: Callable[[list[Unit]], list[Unit]] = list) -> list[EpisodeData]:
+    """Steps 2-4: prepare the episodes, plan the units (those `select` keeps) and execute
+    them; the prepared episodes. `tint run` and `tint fit` (no evaluation) both run this."""
+    set_threads(ctx.config.threads)
+    episodes = prepare(ctx)
+    execute(ctx, episodes, select(plan_units(ctx, episodes)))
+    return episodes
 
 
 def execute(ctx: RunContext, episodes: list[EpisodeData], units: list[Unit]) -> None:

@@ -43,14 +43,14 @@ def write_report(run_dir: str | Path, results: dict, config_text: str, max_grid:
     figures.mkdir(parents=True, exist_ok=True)
     sections = [
         _summary_section(results),
-        _figure_section("Accuracy over distillation iterations", _plot_curves(results, figures)),
-        _figure_section("Per-episode accuracy (mean and 95% CI)", _plot_episodes(results, figures)),
+        figure_section("Accuracy over distillation iterations", plot_curves(results, figures)),
+        figure_section("Per-episode accuracy (mean and 95% CI)", _plot_episodes(results, figures)),
         _episode_table(results),
         _timing_section(results, figures),
         _images_section(results, figures, max_grid),
         f"<h2>Resolved config</h2><pre>{html.escape(config_text)}</pre>",
     ]
-    page = _page(f"tint run: {results.get('name', run_dir.name)}", "\n".join(s for s in sections if s))
+    page = html_page(f"tint run: {results.get('name', run_dir.name)}", "\n".join(s for s in sections if s))
     path = run_dir / "report.html"
     write_text(path, page)
     return path
@@ -125,14 +125,14 @@ def _timing_section(results: dict, figures: Path) -> str:
     path = _save(fig, figures / "timings.png")
     return (
         f"<h2>Time per stage</h2><p>Total {total:.0f} s.</p>"
-        f"<table><tr><th>stage</th><th>seconds</th></tr>{rows}</table>{_img(path)}"
+        f"<table><tr><th>stage</th><th>seconds</th></tr>{rows}</table>{img_tag(path)}"
     )
 
 
 # ----------------------------------------------------------------------------- plots
 
 
-def _plot_curves(results: dict, figures: Path) -> Path | None:
+def plot_curves(results: dict, figures: Path) -> Path | None:
     """Mean query accuracy over iterations per student, per-episode curves faint."""
     students = [m for m in results["models"] if not m.startswith("teacher")]
     if not any(ep.get("curves", {}).get(s) for ep in results["episodes"] for s in students):
@@ -175,13 +175,13 @@ def _images_section(results: dict, figures: Path, max_grid: int) -> str:
     parts = ["<h2>Support and generated images</h2><p>Per class: the support images, then "
              f"up to {max_grid} generated images.</p>"]
     for ep in results["episodes"]:
-        path = _image_grid(ep, figures / f"images_ep{ep['index']:03d}.png", max_grid)
+        path = image_grid(ep, figures / f"images_ep{ep['index']:03d}.png", max_grid)
         if path is not None:
-            parts.append(f"<h3>Episode {ep['index']}</h3>{_img(path)}")
+            parts.append(f"<h3>Episode {ep['index']}</h3>{img_tag(path)}")
     return "\n".join(parts)
 
 
-def _image_grid(episode: dict, path: Path, max_grid: int) -> Path | None:
+def image_grid(episode: dict, path: Path, max_grid: int) -> Path | None:
     """One row per class: support thumbnails | gap | generated thumbnails."""
     support = episode.get("support") or []
     generated = episode.get("generated") or [[] for _ in support]
@@ -229,15 +229,15 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
-def _img(path: Path | None) -> str:
+def img_tag(path: Path | None) -> str:
     return "" if path is None else f'<img src="report/{path.name}" alt="{path.stem}">'
 
 
-def _figure_section(title: str, path: Path | None) -> str:
-    return "" if path is None else f"<h2>{html.escape(title)}</h2>{_img(path)}"
+def figure_section(title: str, path: Path | None) -> str:
+    return "" if path is None else f"<h2>{html.escape(title)}</h2>{img_tag(path)}"
 
 
-def _page(title: str, body: str) -> str:
+def html_page(title: str, body: str) -> str:
     style = (
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}"
         "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px}"
