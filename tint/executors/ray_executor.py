@@ -312,7 +312,7 @@ def run_cells(cells: list[Cell]) -> DriveReport:
     planned = sorted(((-1 if u.episode is None else u.episode, i, n), i, u)
                      for i, cell in enumerate(cells) for n, u in enumerate(cell.units))
     for cell in cells:  # before connecting: a bad executor.gpus key fails at once
-        stage_resources(cell.ctx.config.executor, "teacher")
+        check_gpu_stages(cell.ctx.config.executor)
     started_here = _connect(ray, executor.address)
     try:
         cluster_gpus = _cluster_gpus(ray)
@@ -470,12 +470,7 @@ def stage_resources(executor, stage: str, device: str = "auto",
     on the CPU anyway; Ray would otherwise wait for ever for a GPU no node has (or, before
     that, check_resources refuses it). An explicit `cuda` keeps its request, so a cluster
     without GPUs refuses it clearly."""
-    from tint.stages import default_gpus
-
-    unknown = sorted(set(executor.gpus) - set(default_gpus()))
-    if unknown:
-        raise TintError(f"executor.gpus.{unknown[0]}: unknown stage; choose from "
-                        f"{', '.join(sorted(default_gpus()))}")
+    check_gpu_stages(executor)
     gpus = float(executor.gpus.get(resource_name(stage), 0.0))
     if device == "cpu" or (device == "auto" and cluster_gpus == 0):
         gpus = 0.0
@@ -483,6 +478,16 @@ def stage_resources(executor, stage: str, device: str = "auto",
 
 
 # ----------------------------------------------------------------------------- fail fast
+
+
+def check_gpu_stages(executor) -> None:
+    """Every executor.gpus entry must name a stage of the table (as the engine knows it)."""
+    from tint.stages import default_gpus
+
+    unknown = sorted(set(executor.gpus) - set(default_gpus()))
+    if unknown:
+        raise TintError(f"executor.gpus.{unknown[0]}: unknown stage; choose from "
+                        f"{', '.join(sorted(default_gpus()))}")
 
 
 def resource_name(stage: str) -> str:
