@@ -107,6 +107,10 @@ class Stage:
     def runs_as(self) -> str:
         return self.engine_name or self.name
 
+    def completeness(self, ctx: RunContext) -> Callable[[dict], bool] | None:
+        """What a marker with the right key must also say to count as finished."""
+        return self.complete(ctx) if self.complete else None
+
 
 # ----------------------------------------------------------------------------- the graph
 
@@ -285,8 +289,8 @@ def run(ctx: RunContext, episode: EpisodeData | None, unit: Unit) -> Artifact:
                   for need in stage.needs(ctx, episode, unit)]
         return stage.compute(ctx, episode, unit, out, inputs)
 
-    complete = stage.complete(ctx) if stage.complete else None
-    marker = run_stage(ctx, stage.runs_as, folder, key, stage.label(ctx, episode, unit), work, is_done=complete)
+    marker = run_stage(ctx, stage.runs_as, folder, key, stage.label(ctx, episode, unit), work,
+                       is_done=stage.completeness(ctx))
     return Artifact(folder, marker)
 
 
@@ -306,8 +310,7 @@ def unit_done(ctx: RunContext, episodes: list[EpisodeData], unit: Unit) -> bool:
     stage = STAGES[unit.stage]
     episode = episode_of(episodes, unit)
     folder, key = locate(ctx, episode, unit)
-    complete = stage.complete(ctx) if stage.complete else None
-    return finished_marker(ctx, stage.runs_as, folder, key, unit.id, complete) is not None
+    return finished_marker(ctx, stage.runs_as, folder, key, unit.id, stage.completeness(ctx)) is not None
 
 
 def artifact_folder(ctx: RunContext, episodes: list[EpisodeData], unit: Unit) -> Path:
