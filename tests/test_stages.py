@@ -16,7 +16,7 @@ from tint.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST
 from tint.engine import stable_hash
 from tint.pipeline import run_pipeline
 from tint.stage_bodies import distill_config, make_context, prepare
-from tint.stages import STAGES, TABLE, default_gpus, locate, plan_units, timed_stages
+from tint.stages import STAGES, TABLE, default_gpus, locate, plan_units, timed_stages, unit_done
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -172,3 +172,15 @@ def test_step0_weights_are_reproduced_by_the_same_key(finished, tmp_path):
     run_pipeline(one_student, hooks={"student-init": keep})
     first = initial["ep000/without-synthetic"]
     assert all(torch.equal(first[k], again["ep000/without-synthetic"][k]) for k in first)
+
+
+def test_asking_about_a_student_without_synthetic_images_generates_nothing(finished, tmp_path):
+    """A Ray driver asks whether each ready unit is done: for a student that reads no
+    generated image that must not generate (or specialise) anything in the driver."""
+    config, _ = finished
+    computed: list[str] = []
+    ctx = make_context(replace(config, run_dir=str(tmp_path / "fresh")), hooks={"*": lambda s, label: computed.append(s)})
+    episodes = prepare(ctx)
+    by_id = {u.id: u for u in plan_units(ctx, episodes)}
+    assert not unit_done(ctx, episodes, by_id["distill/ep000/s00"])
+    assert computed == ["prepare"]

@@ -160,7 +160,15 @@ def student_key(ctx: RunContext, episode: EpisodeData, unit: Unit) -> dict:
     if not ctx.config.distill.consistent:  # keyed on the label artifact it reads
         (reads,) = student_inputs(ctx, episode, unit)
         labels = str(locate(ctx, episode, reads)[0].relative_to(ctx.store))
-    return bodies.distill_key(ctx, episode, unit.index, unit.repeat, labels, synthetic_paths(ctx, episode))
+    return bodies.distill_key(ctx, episode, unit.index, unit.repeat, labels, student_images(ctx, episode, unit))
+
+
+def student_images(ctx: RunContext, episode: EpisodeData, unit: Unit) -> list[list[str]]:
+    """The generated images a student reads: none (and nothing generated on their behalf,
+    e.g. by a Ray driver asking whether the student is done) unless it reads them."""
+    if not bodies.reads_synthetic(ctx, unit.index):
+        return [[] for _ in episode.classes]
+    return synthetic_paths(ctx, episode)
 
 
 def student_folders(ctx: RunContext, episode: EpisodeData) -> list[list[Path]]:
@@ -193,7 +201,7 @@ def distill(ctx: RunContext, episode: EpisodeData, unit: Unit, folder: Path, inp
     consistent = ctx.config.distill.consistent
     return bodies.distill(ctx, episode, unit.index, unit.repeat, folder,
                           labels=None if consistent else inputs[0], teacher=inputs[0] if consistent else None,
-                          synthetic=synthetic_paths(ctx, episode))
+                          synthetic=student_images(ctx, episode, unit))
 
 
 def class_label(ctx: RunContext, episode: EpisodeData, unit: Unit) -> str:
