@@ -1,12 +1,12 @@
 """The HTML report of one run: what went in, what came out, how long it took.
 
 `write_report(run_dir, results, config_text)` turns the run's `results.json` (written by
-`tint.pipeline`) into ``<run_dir>/report.html`` with PNG plots beside it under
+`tint.results.report`) into ``<run_dir>/report.html`` with PNG plots beside it under
 ``<run_dir>/report/``. Everything it shows is read from the run directory (support
 images are copied there by the prepare stage, generated images are listed in the
 generator's manifest), so a report can be rebuilt from a finished run alone.
 
-Results layout (see `tint.pipeline.collect_results`)::
+Results layout (see `tint.results.collect_results`)::
 
     {"name": str, "models": ["teacher", "<student>", ...],
      "episodes": [{"index": int, "classes": [...], "n_query": int,

@@ -1,8 +1,9 @@
 """What a run reports: accuracies per episode and model, means with 95% CIs, stage times.
 
-`collect_results` turns the episodes' evaluations into the results dict (results.json,
-the report's input); `write_model_results` writes one evaluation-result file per model,
-the format `tint plan --from-results` reads.
+`report(ctx, episodes)` is step 5 of `tint run` (also a Ray run's partial reports):
+`collect_results` turns the episodes' evaluations (read through the stage table) into the
+results dict (results.json, the HTML report's input); `write_model_results` writes one
+evaluation-result file per model, the format `tint plan --from-results` reads.
 """
 
 from __future__ import annotations
