@@ -33,11 +33,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "clipart")
     parser.add_argument("--episode", type=int, default=0)
+    parser.add_argument("--episodes", default=EPISODES,
+                        help="episode file (e.g. configs/experiments/episodes/openclipart-val-5w5s.json "
+                             "for val classes); default: the builtin novel episodes")
     parser.add_argument("--test", type=int, default=5, help="test images per class")
     parser.add_argument("--size", type=int, default=128, help="side of the written PNGs")
     args = parser.parse_args()
     dataset = load_openclipart(resolution=args.size)
-    episode = load_episodes(resolve_episode_file(EPISODES))[0][args.episode]
+    episode = load_episodes(resolve_episode_file(args.episodes))[0][args.episode]
     for name, support, query in zip(episode.classes, episode.support, episode.query, strict=True):
         for part, items in (("train", support), ("test", query[: args.test])):
             folder = args.out / part / short_name(name)
