@@ -8,8 +8,8 @@ accuracy estimates and the real accuracy on the 25 test images, and, for scale, 
 seconds of 20 Conv4 training steps at batch 64 measured in the same run just before
 (a machine-load yardstick: the same figure on an idle machine is in docs/fit.md).
 
-    OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fit_time.py --threads 1 \
-        --out benchmarks/results/fit_time.json
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/fit_time.py --threads 2 \
+        --note "idle 2-core machine" --out benchmarks/results/fit_time.json
 """
 
 from __future__ import annotations
@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None)
     parser.add_argument("--model-dir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--note", default="", help="how the machine was loaded during the run")
     args = parser.parse_args()
     example = ROOT / "examples" / "clipart"
     subprocess.run([sys.executable, str(ROOT / "examples" / "make_clipart_example.py"),
@@ -80,8 +81,8 @@ def main() -> None:
         labels = json.loads((model / "labels.json").read_text())
         card = (model / "MODEL_CARD.md").read_text().split("## Accuracy", 1)[1].split("## Intended", 1)[0]
         result = {
-            "command": "OMP_NUM_THREADS=1 nice .venv/bin/python benchmarks/fit_time.py "
-                       + " ".join(sys.argv[1:]),
+            "command": f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} "
+                       ".venv/bin/python benchmarks/fit_time.py " + " ".join(sys.argv[1:]),
             "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                         "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
             "threads": args.threads,
@@ -91,7 +92,7 @@ def main() -> None:
             "classes": labels["classes"],
             "card_estimates": [line[2:] for line in card.strip().splitlines() if line.startswith("- ")],
             "test_accuracy": {"correct": correct, "n": len(rows), "accuracy": correct / len(rows)},
-            "note": "shared 2-core machine (other agents' jobs running); niced, 1 torch thread",
+            "note": args.note,
         }
     print(json.dumps(result, indent=2))
     if args.out:
