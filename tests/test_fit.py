@@ -114,6 +114,24 @@ def test_prediction_resizes_other_sizes_as_training_did(fitted):
     np.testing.assert_allclose(got, expected, atol=1e-4)
 
 
+def test_card_sets_the_students_size_and_speed_beside_the_teachers(fitted, capsys):
+    from tint.fitting import card_items
+
+    out = fitted["out"]
+    student_line, teacher_line, ratio = card_items((out / "MODEL_CARD.md").read_text(),
+                                                   "## Size and speed", "## Settings")
+    shipped = torch.jit.load(str(out / "model.pt"))
+    parameters = sum(p.numel() for p in shipped.parameters())
+    assert student_line.startswith("student (conv4, 32 px): ")
+    assert f"{parameters:,} parameters, {(out / 'model.onnx').stat().st_size / 1e6:.2f} MB" in student_line
+    assert teacher_line.startswith("teacher (pmf on ")
+    teacher_parameters = int(teacher_line.split("): ")[1].split(" parameters")[0].replace(",", ""))
+    assert teacher_parameters > 0 and teacher_parameters != parameters
+    for line in (student_line, teacher_line):
+        assert float(line.split(" MB, ")[1].split(" ms per image")[0]) > 0
+    assert ratio.startswith(f"the student has {teacher_parameters / parameters:.0f}x fewer parameters")
+
+
 def test_rerun_computes_nothing_and_val_only_adds_the_estimate(fitted):
     tmp, out, log = fitted["tmp"], fitted["out"], fitted["out"] / "work" / "log.txt"
     before = log.read_text()

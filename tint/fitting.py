@@ -489,9 +489,22 @@ def write_model_folder(ctx, episode, out: Path, images: LabelledImages, snapshot
     with output_file(out, LABELS_FILE) as tmp:
         tmp.write_text(json.dumps(labels, indent=2) + "\n")
     curve = trained_student(ctx, episode, 0).marker.get("curve", [])
+    footprint = footprint_lines(ctx, episode, out / "model.onnx")
     with output_file(out, "MODEL_CARD.md") as tmp:
-        tmp.write_text(model_card(ctx, images, snapshot, estimates, sha, seconds))
+        tmp.write_text(model_card(ctx, images, snapshot, estimates, sha, seconds, footprint))
     write_fit_report(out, ctx, episode, snapshot, estimates, curve)
+
+
+def footprint_lines(ctx, episode, onnx_path: Path) -> list[str]:
+    """The card's size-and-speed lines: the shipped student against the teacher it replaces."""
+    from tint.footprint import comparison_lines, student_footprint, teacher_footprint
+    from tint.stages import fitted_teacher
+
+    cfg = ctx.config
+    student = student_footprint(load_fitted_student(ctx, episode), onnx_path, cfg.data.resolution)
+    teacher = teacher_footprint(fitted_teacher(ctx, episode), cfg.data.resolution)
+    return comparison_lines(student, teacher, f"{cfg.students[0].arch}, {cfg.data.resolution} px",
+                            f"{cfg.teacher.name} on {cfg.teacher.backbone}, on {ctx.device}")
 
 
 def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -538,8 +551,9 @@ def estimate_lines(estimates: dict, snapshot: Snapshot) -> list[str]:
 
 
 def model_card(ctx, images: LabelledImages, snapshot: Snapshot, estimates: dict, sha: str,
-               seconds: float) -> str:
+               seconds: float, footprint: list[str]) -> str:
     from tint.config import dump_config
+    from tint.footprint import REPEATS
 
     cfg = ctx.config
     student = cfg.students[0]
@@ -588,6 +602,12 @@ This is {which}.
 - Images are fitted to a square the same way as in training (`labels.json`, input): short side
   resized, centre crop. Use `tint predict` or `tint.Predictor`, which do this for you.
 - Not for decisions about people, safety or health.
+
+## Size and speed
+
+Measured on the machine that ran this fit, when the card was written (median of {REPEATS} runs):
+
+{chr(10).join('- ' + line for line in footprint)}
 
 ## Settings
 
@@ -711,6 +731,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "labelled images (K more students to train; 0: off)")
 
 
+def card_items(card: str, section: str, next_section: str) -> list[str]:
+    """The bullet lines of one section of a model card (what the command's last lines show)."""
+    body = card.split(section, 1)[1].split(next_section, 1)[0]
+    return [line[2:] for line in body.strip().splitlines() if line.startswith("- ")]
+
+
 def run(args: argparse.Namespace) -> int:
     overrides = list(args.overrides) + ([f"device={args.device}"] if args.device else [])
     if args.folds == 1 or args.folds < 0:
@@ -720,9 +746,8 @@ def run(args: argparse.Namespace) -> int:
 
     labels = read_json(out / LABELS_FILE)
     print(f"model folder: {out} ({len(labels['classes'])} classes: {', '.join(labels['classes'])})")
-    card = (out / "MODEL_CARD.md").read_text().split("## Accuracy", 1)[1].split("## Intended", 1)[0]
-    for line in card.strip().splitlines():
-        if line.startswith("- "):
-            print(f"  {line[2:]}")
+    card = (out / "MODEL_CARD.md").read_text()
+    for line in card_items(card, "## Accuracy", "## Intended") + card_items(card, "## Size and speed", "## Settings"):
+        print(f"  {line}")
     print(f"use it: tint predict {out} IMAGES_OR_FOLDERS...")
     return 0
