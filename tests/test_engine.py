@@ -42,6 +42,23 @@ def test_marker_records_hashes_and_a_finished_stage_is_skipped(tmp_path):
     assert len(calls) == 1
 
 
+def test_marker_records_the_environment_that_computed_it(tmp_path):
+    """A key fixes an artifact within one environment only, so the marker says which one
+    (library versions, CPU, threads), and a run's results list the distinct ones."""
+    from tint.results import environments
+
+    ctx = Ctx(tmp_path)
+    torch.set_num_threads(1)
+    marker = _stage(ctx, tmp_path / "s", [])
+    env = marker["environment"]
+    assert env["torch"] == torch.__version__ and env["torch_threads"] == 1
+    assert env["numpy"] and env["pillow"]
+    assert json.loads((tmp_path / "s" / DONE).read_text())["environment"] == env
+    other = {**marker, "environment": {**env, "torch_threads": 2}}
+    old = {k: v for k, v in marker.items() if k != "environment"}  # written before the record
+    assert environments({"a": marker, "b": dict(marker), "c": other, "d": old}) == [env, other["environment"]]
+
+
 @pytest.mark.parametrize("damage", ["flip", "truncate", "delete"])
 def test_a_damaged_file_makes_the_stage_recompute_with_one_line(tmp_path, caplog, damage):
     calls: list[int] = []

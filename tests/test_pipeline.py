@@ -114,6 +114,7 @@ def test_tiny_run_writes_every_artifact(finished_run):
     html = (run_dir / "report.html").read_text()
     assert "Time per stage" in html and "Resolved config" in html and "with-tint" in html
     assert results["timings"]["distill"] > 0
+    assert [env["torch"] for env in results["environments"]] == [torch.__version__]
 
 
 def test_rerun_skips_every_stage(finished_run):

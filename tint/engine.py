@@ -156,6 +156,38 @@ def damaged_files(folder: Path, recorded: dict[str, str]) -> list[str]:
 # ----------------------------------------------------------------------------- the engine
 
 
+def environment() -> dict[str, Any]:
+    """What computed an artifact, beyond its key: library versions, CPU and threads.
+
+    A key fixes an artifact only within one environment: float-level differences between
+    installs (image decoding, kernels) grow over hundreds of SGD steps, so the same key can
+    give another student elsewhere. Each marker records this to make such a difference visible.
+    """
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {}
+    for name in ("torch", "numpy", "pillow", "diffusers", "onnxruntime"):
+        try:
+            packages[name] = version(name)
+        except PackageNotFoundError:
+            packages[name] = None
+    return {"python": platform.python_version(), **packages, "machine": platform.machine(),
+            "cpu": cpu_model(), "torch_threads": torch.get_num_threads()}
+
+
+def cpu_model() -> str | None:
+    """The CPU's model name (Linux /proc/cpuinfo; else what platform knows)."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    import platform
+
+    return platform.processor() or None
+
+
 def run_stage(ctx: StageContext, stage: str, folder: Path, key: Any, label: str,
               work: Callable[[Path], dict | None],
               is_done: Callable[[dict], bool] | None = None) -> dict:
@@ -239,8 +271,8 @@ def _compute_stage(ctx: StageContext, stage: str, folder: Path, key: Any, label:
         raise
     seconds = time.perf_counter() - start
     marker = {"stage": stage, "label": label, "key": jsonable(key), "seconds": seconds,
-              "finished": datetime.now(UTC).isoformat(timespec="seconds"), **info,
-              "files": hash_files(folder)}
+              "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+              "environment": environment(), **info, "files": hash_files(folder)}
     write_json(marker_path, marker)
     ctx.markers[str(marker_path)] = marker
     LOGGER.info("%-12s %s: finished in %.1f s", stage, label, seconds)

@@ -66,7 +66,7 @@ def collect_results(ctx: Any, episodes: list, evaluations: list[dict]) -> dict:
         mean, ci = mean_ci([row["accuracy"][model] for row in rows])
         summary[model] = {"mean": mean, "ci": ci, "n": len(rows)}
     return {"name": config.name, "models": models, "episodes": rows, "summary": summary,
-            "timings": stage_timings(ctx.markers)}
+            "timings": stage_timings(ctx.markers), "environments": environments(ctx.markers)}
 
 
 def public_results(results: dict) -> dict:
@@ -83,6 +83,16 @@ def stage_timings(markers: dict[str, dict]) -> dict[str, float]:
     for marker in markers.values():
         totals[marker["stage"]] = totals.get(marker["stage"], 0.0) + float(marker.get("seconds", 0.0))
     return {stage: round(seconds, 2) for stage, seconds in totals.items()}
+
+
+def environments(markers: dict[str, dict]) -> list[dict]:
+    """The distinct environments that computed this run's artifacts (older markers have none)."""
+    seen: list[dict] = []
+    for marker in markers.values():
+        env = marker.get("environment")
+        if env is not None and env not in seen:
+            seen.append(env)
+    return seen
 
 
 def write_model_results(ctx: Any, results: dict) -> None:
