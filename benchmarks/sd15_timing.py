@@ -174,7 +174,7 @@ def full_timings(device: torch.device, gen_dtype: torch.dtype, ti_steps: int,
     from diffusers import DDIMScheduler
     from transformers import CLIPTokenizer
 
-    from tint.diffusion.backbone import SD15_SCHEDULER_CONFIG, DiffusionBackbone
+    from tint.diffusion.model import SD15_SCHEDULER_CONFIG, DiffusionBackbone
     from tint.diffusion.null_text import NullTextConfig, null_text_inversion
     from tint.diffusion.textual_inversion import TextualInversionConfig, textual_inversion
     from tint.generators.tint import (

@@ -6,13 +6,11 @@ import pytest
 import torch
 
 from tint.diffusion.backbone import (
-    SD15_SCHEDULER_CONFIG,
-    DiffusionBackbone,
-    IdentityAutoencoder,
     load_backbone,
     load_stable_diffusion,
     save_backbone,
 )
+from tint.diffusion.model import SD15_SCHEDULER_CONFIG, DiffusionBackbone, IdentityAutoencoder
 from tint.errors import TintError
 from tint.testing import build_tiny_backbone
 
@@ -132,10 +130,10 @@ def test_load_backbone_dispatch(tmp_path, monkeypatch):
     pixel = load_backbone("tiny-pixel-v", workdir=tmp_path / "p", resolution=16)
     assert pixel.is_pixel_space and pixel.prediction_type == "v_prediction"
 
-    import tint.diffusion.small_generator as small
+    import tint.diffusion.backbone as loaders
 
     seen = []
-    monkeypatch.setattr(small, "load_small_generator", lambda path: seen.append(path) or backbone)
+    monkeypatch.setattr(loaders, "load_small_generator", lambda path: seen.append(path) or backbone)
     folder = tmp_path / "gen"
     folder.mkdir()
     (folder / "tint_generator.json").write_text("{}")

@@ -48,7 +48,7 @@ class MixtureOracle(nn.Module):
 
 
 def _oracle_backbone(points: torch.Tensor):
-    from tint.diffusion.backbone import DiffusionBackbone
+    from tint.diffusion.model import DiffusionBackbone
 
     encoder = nn.Embedding(4, 8)
     tokenizer = argparse.Namespace(model_max_length=2)

@@ -120,7 +120,7 @@ def test_bad_settings_are_clear_errors(backbone):
 def test_placeholder_works_with_a_bert_tokenizer(backbone):
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from tint.diffusion.backbone import DiffusionBackbone, IdentityAutoencoder
+    from tint.diffusion.model import DiffusionBackbone, IdentityAutoencoder
     from tint.diffusion.small_generator import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_path()))

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from tint.diffusion.backbone import (
+from tint.diffusion.model import (
     PIXEL_V_SCHEDULER_CONFIG,
     SD15_SCHEDULER_CONFIG,
     DiffusionBackbone,
     IdentityAutoencoder,
 )
 from tint.errors import TintError
-from tint.teachers.backbones import FeatureBackbone, vit_cls_features
+from tint.teachers.features import FeatureBackbone, vit_cls_features
 
 # --- diffusion backbones by name (load_backbone("tiny"), ...) ----------------------------------
 

@@ -5,12 +5,7 @@ The function ``textual_inversion`` is not re-exported here: it would shadow its 
 (``import tint.diffusion.textual_inversion as ti`` must give the module).
 """
 
-from tint.diffusion.backbone import (
-    DiffusionBackbone,
-    IdentityAutoencoder,
-    load_backbone,
-    load_stable_diffusion,
-)
+from tint.diffusion.backbone import load_backbone, load_stable_diffusion
 from tint.diffusion.ddim import (
     ddim_invert,
     ddim_sample,
@@ -18,6 +13,7 @@ from tint.diffusion.ddim import (
     ddim_step,
     guided_prediction,
 )
+from tint.diffusion.model import DiffusionBackbone, IdentityAutoencoder
 from tint.diffusion.null_text import NullTextConfig, NullTextResult, null_text_inversion
 from tint.diffusion.textual_inversion import (
     TextualInversionConfig,

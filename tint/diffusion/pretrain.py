@@ -485,7 +485,7 @@ def sample_grid(backbone, categories: list[str], path: Path, per_class: int = 6,
 
 
 def backbone_from_unet(unet):
-    from tint.diffusion.backbone import DiffusionBackbone
+    from tint.diffusion.model import DiffusionBackbone
 
     encoder, tokenizer = sg.load_text_encoder()
     unet.eval()
@@ -684,10 +684,3 @@ def write_provenance(out_dir: Path, export: Path, summary: dict, pool: dict) -> 
 """
     write_text(export / "PROVENANCE.md", text)
 
-
-if __name__ == "__main__":  # pragma: no cover
-    import sys
-
-    from tint.cli import main
-
-    sys.exit(main(["pretrain-generator", *sys.argv[1:]]))

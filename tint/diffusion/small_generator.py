@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from tint.diffusion.backbone import DiffusionBackbone, IdentityAutoencoder
+from tint.diffusion.model import DiffusionBackbone, IdentityAutoencoder
 from tint.errors import TintError
 from tint.io import read_json, write_json
 
