@@ -100,6 +100,24 @@ def test_cuda_without_cuda_is_refused_at_load(key, tmp_path, capsys, monkeypatch
     assert f"{key}: cuda asked for, but CUDA is not available" in err
 
 
+def test_a_distill_device_other_than_the_runs_is_refused_at_load(tmp_path, capsys, monkeypatch):
+    """distill.device follows the run's device: a value that disagrees is refused, naming
+    the key and the way to choose the device (--device / `device`), not silently replaced."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # so that `cuda` is a device here
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    err = _run_fails(["run", TINY, "--device", "cpu", "--set", "distill.device=cuda"], tmp_path / "run", capsys)
+    assert "distill.device: 'cuda' differs from the run's device 'cpu'" in err
+    assert "--device" in err and "`device`" in err
+
+
+def test_a_distill_device_of_the_run_or_its_default_is_kept(capsys):
+    from tint.config import load_config
+
+    assert load_config(TINY, ["device=cpu", "distill.device=cpu"]).distill.device == "cpu"
+    assert load_config(TINY, ["device=auto"]).distill.device == "cpu"  # the default: says nothing
+
+
 def test_empty_config_file_is_refused(tmp_path, capsys):
     empty = tmp_path / "empty.yaml"
     empty.write_text("# nothing yet\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -87,9 +88,9 @@ def test_set_overrides_nested_keys_lists_and_free_form_settings():
     assert config.distill.lr == 0.05
     assert config.students[1].arch == "resnet12" and config.students[0].arch == "conv4"
     assert config.data.first_episodes is None
-    assert config.generator.specialize["ti_steps"] == 7
+    assert config.generator.specialize.ti_steps == 7
     # every other setting of the generator is filled in with its default
-    assert config.generator.specialize["ti_t_min"] == 250 and config.generator.generate["alpha"] == 1.0
+    assert config.generator.specialize.ti_t_min == 250 and config.generator.generate.alpha == 1.0
     assert config.distill.sources == ("base", "support")
 
 
@@ -147,11 +148,42 @@ def test_missing_or_invalid_files_are_clear(tmp_path):
 
 def test_component_settings_are_resolved_with_every_default():
     config = load_config(None, ["teacher.settings.scale=5"])
-    assert config.teacher.settings == {"scale": 5.0, "finetune_steps": 0, "finetune_lr": 1e-4}
-    assert config.generator.specialize["nti_inner_steps"] == 2  # the demo's own value
-    assert config.generator.specialize["template"] == "a photo of an {}"  # a default
+    assert asdict(config.teacher.settings) == {"scale": 5.0, "finetune_steps": 0, "finetune_lr": 1e-4}
+    assert config.generator.specialize.nti_inner_steps == 2  # the demo's own value
+    assert config.generator.specialize.template == "a photo of an {}"  # a default
     text = dump_config(config)
     assert "finetune_lr: 0.0001" in text and "alpha: 1.0" in text and "ti_t_min: 250" in text
+
+
+def test_settings_are_typed_once_at_load():
+    """The config holds the components' settings objects from load on (stage bodies read
+    them as they are); a code-built config holding such objects keeps them."""
+    from tint.config import check_components
+    from tint.generators.tint import GenerateSettings, SpecializeSettings
+    from tint.teachers.settings import PMFSettings
+
+    config = load_config(None, ["generator.generate.alpha=1e-1"])  # YAML 1.1 reads a string
+    assert isinstance(config.generator.generate, GenerateSettings)
+    assert isinstance(config.generator.specialize, SpecializeSettings)
+    assert isinstance(config.teacher.settings, PMFSettings)
+    assert isinstance(config.generator.generate.alpha, float) and config.generator.generate.alpha == 0.1
+    generate = config.generator.generate
+    check_components(config)  # checked again (e.g. by run_pipeline): the same objects
+    assert config.generator.generate is generate
+    built = RunConfig()
+    built.generator.generate = GenerateSettings(alpha=0.25)
+    check_components(built)
+    assert built.generator.generate.alpha == 0.25 and isinstance(built.generator.specialize, SpecializeSettings)
+    built.generator.generate = GenerateSettings(alpha=2.0)
+    with pytest.raises(TintError, match=r"generator.generate.alpha: must be in \[0, 1\], got 2.0"):
+        check_components(built)
+
+
+def test_a_bad_generator_setting_fails_at_load_naming_its_key():
+    with pytest.raises(TintError, match="generator.generate.alpha: expected float, got 'high'"):
+        load_config(None, ["generator.generate.alpha=high"])
+    with pytest.raises(TintError, match="generator.specialize.ti_stpes: unknown key"):
+        load_config(None, ["generator.specialize.ti_stpes=3"])
 
 
 def test_empty_config_file_is_refused(tmp_path):

@@ -9,8 +9,10 @@ gives back an identical config: a run directory always says exactly what produce
 
 The component settings (``generator.specialize``, ``generator.generate``,
 ``teacher.settings``) are typed by the component that owns them (its settings dataclass,
-`tint.generators.resolve_settings`, `tint.teachers.resolve_teacher_settings`); they are
-resolved here too, so they are coerced, range-checked and written out with every default.
+`tint.generators.resolve_settings`, `tint.teachers.resolve_teacher_settings`), here, once:
+from load on the config holds those settings objects (coerced, range-checked, every
+default filled in), the stage bodies read them as they are, and the dump writes them as
+plain values (docs/ARCHITECTURE.md, "Settings typed once").
 The rules (types via `tint.settings`, ranges via each section's ``RANGES`` and
 ``validate``) are listed in docs/pipeline.md, "Config".
 """
@@ -84,11 +86,12 @@ class GeneratorConfig(Settings):
     backbone: str = "tint-clipart"  # "tiny", "tint-clipart", a local path or a hub id
     images_per_class: int = 100
     seed: int = 0
-    # The generator's own SpecializeSettings / GenerateSettings fields (see its module and
+    # The generator's own SpecializeSettings / GenerateSettings (see its module and
     # docs/generators.md). Kept apart so that one specialisation serves every generation
-    # setting. Plain mappings, filled with every default of the generator when loaded.
-    specialize: dict[str, Any] = field(default_factory=dict)
-    generate: dict[str, Any] = field(default_factory=dict)
+    # setting. A mapping in YAML (or in code); from load on (`check_components`), the
+    # generator's settings objects, with every default.
+    specialize: Any = field(default_factory=dict)
+    generate: Any = field(default_factory=dict)
 
     RANGES = {"images_per_class": NON_NEGATIVE}
 
@@ -125,8 +128,8 @@ class TeacherConfig(Settings):
     batch_size: int = 64  # images per forward pass when embedding
     # The teacher's own settings dataclass (tint.teachers.settings: pmf: scale,
     # finetune_steps, finetune_lr; labelhalluc: C, max_iter, batch_size, augment_copies,
-    # seed). A plain mapping, filled with every default of the teacher when loaded.
-    settings: dict[str, Any] = field(default_factory=dict)
+    # seed). A mapping in YAML (or in code); from load on, that dataclass, every default in.
+    settings: Any = field(default_factory=dict)
 
     RANGES = {"pretrain_iterations": AT_LEAST_ONE, "batch_size": AT_LEAST_ONE}
 
@@ -231,23 +234,19 @@ def config_from_dict(data: dict | None) -> RunConfig:
 
 def check_components(config: RunConfig) -> None:
     """Names and settings of the generator, teacher and students, resolved and checked
-    (also for a RunConfig built in code, which `tint.pipeline` checks before any work)."""
-    resolve_components(config)
-    check_student_archs(config)
-    check_embedded_generator(config)
+    (also for a RunConfig built in code, which `tint.pipeline` checks before any work).
 
-
-def resolve_components(config: RunConfig) -> None:
-    """Replace the generator's and the teacher's settings mappings by their resolved form:
-    every field of the component's settings dataclass, coerced and range-checked."""
+    The generator's and the teacher's settings mappings are replaced by the components'
+    settings objects (every field coerced, defaulted and range-checked), the one place they
+    are typed: objects already of the right class are kept as they are."""
     from tint.generators import resolve_settings
     from tint.teachers import resolve_teacher_settings
 
     gen = config.generator
-    specialize, generate = resolve_settings(gen.name, gen.specialize, gen.generate)
-    gen.specialize, gen.generate = plain(specialize), plain(generate)
-    teacher = resolve_teacher_settings(config.teacher.name, config.teacher.settings)
-    config.teacher.settings = plain(teacher)
+    gen.specialize, gen.generate = resolve_settings(gen.name, gen.specialize, gen.generate)
+    config.teacher.settings = resolve_teacher_settings(config.teacher.name, config.teacher.settings)
+    check_student_archs(config)
+    check_embedded_generator(config)
 
 
 def config_to_dict(config: Any) -> dict:
@@ -446,7 +445,7 @@ def check_values(config: RunConfig) -> None:
     check_interval("distill.crop_ratio", config.distill.crop_ratio, POSITIVE)
     AT_LEAST_ONE.check("threads", config.threads)
     check_device("device", config.device, allow_auto=True)
-    check_device("distill.device", config.distill.device)
+    check_distill_device(config)
     check_model_paths(config)
     check_students(config)
 
@@ -484,6 +483,24 @@ def check_device(key: str, value: str, allow_auto: bool = False) -> None:
                             f"{torch.cuda.device_count()} CUDA device(s)")
     elif device.type != "cpu":
         raise TintError(f"{key}: {value!r} is not supported; use cpu or cuda")
+
+
+def check_distill_device(config: RunConfig) -> None:
+    """``distill.device`` follows the run's `device` (each stage runs where the run does):
+    its default "cpu", which every written config.yaml holds, says nothing and is kept; any
+    other value must name the run's device, else the run would silently ignore it."""
+    from tint.students.distill import DistillConfig
+
+    value = config.distill.device
+    if value == DistillConfig.device:
+        return
+    check_device("distill.device", value)
+    from tint.devices import resolve_device
+
+    if resolve_device(value, "distill.device") != resolve_device(config.device, "device"):
+        raise TintError(f"distill.device: {value!r} differs from the run's device {config.device!r}; "
+                        "students distil where the run computes: set the device with --device "
+                        "(or the top-level `device` key) and leave distill.device out")
 
 
 def looks_like_path(spec: str) -> bool:

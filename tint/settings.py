@@ -250,7 +250,14 @@ class Settings:
 
 
 def resolve(cls: type, data: Any, path: str) -> Any:
-    """`data` (None, a mapping or a `cls` instance) as a checked `cls`, errors naming `path`."""
+    """`data` (None, a mapping or a `cls` instance) as a checked `cls`, errors naming `path`.
+
+    A `cls` instance is returned as is (range-checked, never rebuilt): the run config holds
+    its settings objects from load on, and the code that uses them reads them unchanged.
+    Another settings dataclass (e.g. the generator's settings of before a ``replace`` of
+    its name) is read as the mapping of its fields."""
+    if dataclasses.is_dataclass(data) and not isinstance(data, (type, cls)):
+        data = {f.name: getattr(data, f.name) for f in dataclasses.fields(data)}
     settings = data if isinstance(data, cls) else from_mapping(cls, data, path)
     validate = getattr(settings, "validate", None)
     if validate is not None:

@@ -312,14 +312,6 @@ def fitted_teacher(ctx: RunContext, episode: EpisodeData, trained: Artifact):
 # ----------------------------------------------------------------------------- specialize, generate
 
 
-def generator_settings(config: RunConfig) -> tuple[Any, Any]:
-    """The generator's (SpecializeSettings, GenerateSettings), validated; errors name the key."""
-    from tint.generators import resolve_settings
-
-    gen = config.generator
-    return resolve_settings(gen.name, gen.specialize, gen.generate)
-
-
 def backbone_fingerprint(spec: str) -> str | None:
     """The content identity of a local generator (tint.engine.weights_fingerprint), so
     that re-trained weights under the same name never reuse old artifacts."""
@@ -347,10 +339,9 @@ def specialization_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
     def generator_key() -> dict:
         from tint.generators.base import settings_key
 
-        spec_settings, _ = generator_settings(ctx.config)
         weights = backbone_fingerprint(gen.backbone)  # a local folder: its content, wherever it lies
         return {"name": gen.name, **({"weights": weights} if weights else {"backbone": gen.backbone}),
-                "specialize": settings_key(spec_settings),
+                "specialize": settings_key(gen.specialize),
                 "resolution": ctx.config.data.resolution}
 
     return {**ctx.cached("generator_key", generator_key), "class": episode.classes[c],
@@ -360,10 +351,9 @@ def specialization_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
 def generation_key(ctx: RunContext, episode: EpisodeData, c: int) -> dict:
     from tint.generators.base import settings_key
 
-    _, gen_settings = generator_settings(ctx.config)
     gen = ctx.config.generator
     return {"specialization": specialization_key(ctx, episode, c), "seed": gen.seed,
-            "generate": settings_key(gen_settings)}
+            "generate": settings_key(gen.generate)}
 
 
 def _backbone(ctx: RunContext, fresh: bool = False):
@@ -392,10 +382,10 @@ def specialize(ctx: RunContext, episode: EpisodeData, c: int, folder: Path) -> d
     """Specialise the generator to class c's support images (TI + NTI for "tint")."""
     from tint.generators import create_generator
 
-    spec_settings, _ = generator_settings(ctx.config)
-    generator = create_generator(ctx.config.generator.name)
+    gen = ctx.config.generator
     support = ctx.dataset.load_tensor(episode.support[c])
-    path = generator.specialize(_backbone(ctx, fresh=True), episode.classes[c], support, folder, spec_settings)
+    path = create_generator(gen.name).specialize(_backbone(ctx, fresh=True), episode.classes[c], support,
+                                                 folder, gen.specialize)
     return {"artifact": Path(path).name}
 
 
@@ -404,7 +394,7 @@ def generate(ctx: RunContext, episode: EpisodeData, c: int, folder: Path, specia
     from tint.generators import create_generator
 
     gen_cfg = ctx.config.generator
-    _, gen_settings = generator_settings(ctx.config)
+    gen_settings = gen_cfg.generate
     if getattr(gen_settings, "cache_dir", "unset") is None:
         # One feature cache per store (keyed inside by pool, scorer and resolution), not
         # one per class folder: mining 5 classes scores the pool once. Not part of the key.

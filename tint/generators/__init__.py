@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from tint.generators.base import Generator, settings_from
+from tint.generators.base import Generator
 from tint.registry import Registry
+from tint.settings import resolve
 
 # name -> module. Add new generators here.
 GENERATORS = Registry("generator", {
@@ -36,13 +37,13 @@ def create_generator(name: str) -> Generator:
     return GENERATORS.load(name)
 
 
-def resolve_settings(name: str, specialize: dict | None = None,
-                     generate: dict | None = None) -> tuple[Any, Any]:
-    """The generator's (SpecializeSettings, GenerateSettings) from config mappings: coerced,
-    defaults filled in and range-checked, errors naming ``generator.<part>.<key>``."""
+def resolve_settings(name: str, specialize: Any = None, generate: Any = None) -> tuple[Any, Any]:
+    """The generator's (SpecializeSettings, GenerateSettings) from config mappings (or its
+    settings objects, returned as they are): coerced, defaults filled in and range-checked,
+    errors naming ``generator.<part>.<key>``. `tint.config` calls it once, at load."""
     module = GENERATORS.load(name, key="generator.name")
-    return (settings_from(module.SpecializeSettings, specialize, "generator.specialize"),
-            settings_from(module.GenerateSettings, generate, "generator.generate"))
+    return (resolve(module.SpecializeSettings, specialize, "generator.specialize"),
+            resolve(module.GenerateSettings, generate, "generator.generate"))
 
 
 __all__ = ["GENERATORS", "Generator", "available_generators", "create_generator",

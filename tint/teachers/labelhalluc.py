@@ -196,4 +196,4 @@ def train_for_run(run, folder: Path) -> dict:
 
 def load_for_run(run, folder: Path) -> LabelHallucTeacher:
     return load_labelhalluc_teacher(folder / "student.safetensors",
-                                    **run.config.settings).to(run.device)
+                                    **run.settings).to(run.device)

@@ -389,7 +389,7 @@ def train_for_run(run, folder: Path) -> dict:
     """Meta-train on base-class episodes (none when meta_train.epochs is 0)."""
     cfg = run.config
     teacher = create_pmf(backbone=cfg.backbone, seed=run.seed,
-                         batch_size=cfg.batch_size, **cfg.settings).to(run.device)
+                         batch_size=cfg.batch_size, **run.settings).to(run.device)
     mt = cfg.meta_train
     losses: list[float] = []
     if mt.epochs > 0 and mt.episodes_per_epoch > 0:
@@ -405,7 +405,7 @@ def train_for_run(run, folder: Path) -> dict:
 def load_for_run(run, folder: Path) -> ProtoNetTeacher:
     cfg = run.config
     return create_pmf(backbone=cfg.backbone, weights=folder / "teacher.safetensors",
-                      seed=run.seed, batch_size=cfg.batch_size, **cfg.settings).to(run.device)
+                      seed=run.seed, batch_size=cfg.batch_size, **run.settings).to(run.device)
 
 
 def create_pmf(backbone: str = "efficientnet-lite0", weights: str | Path | None = None,

@@ -7,7 +7,7 @@ loads every teacher through these three calls and never branches on a teacher's 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -36,10 +36,15 @@ class TeacherInputs:
     device: torch.device
 
     @property
+    def settings(self) -> dict:
+        """The teacher's settings object (typed at load) as its class's keyword arguments."""
+        return asdict(self.config.settings)
+
+    @property
     def settings_key(self) -> dict:
         """The settings that differ from their defaults: filling defaults into the config
         (so config.yaml lists them) must not change the artifact key."""
-        return non_default_settings(self.config.name, self.config.settings)
+        return non_default_settings(self.config.name, self.settings)
 
 
 def teacher_recipe(name: str):
@@ -47,8 +52,6 @@ def teacher_recipe(name: str):
 
 
 def non_default_settings(name: str, settings: dict) -> dict:
-    from dataclasses import asdict
-
     from tint.teachers import resolve_teacher_settings
 
     defaults = asdict(resolve_teacher_settings(name, {}))

@@ -8,6 +8,7 @@ pmf's ``batch_size`` is ``teacher.batch_size`` and its ``seed`` the run seed.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tint.registry import Registry
 from tint.settings import AT_LEAST_ONE, NON_NEGATIVE, POSITIVE, Settings, resolve
@@ -44,7 +45,8 @@ TEACHER_SETTINGS = Registry("teacher", {
 })
 
 
-def resolve_teacher_settings(name: str, settings: dict | None = None) -> Settings:
-    """``teacher.settings`` as the teacher's dataclass: coerced, defaults filled, checked."""
+def resolve_teacher_settings(name: str, settings: Any = None) -> Settings:
+    """``teacher.settings`` (a mapping, or the dataclass itself, returned as is) as the
+    teacher's dataclass: coerced, defaults filled, checked. `tint.config` calls it at load."""
     cls = TEACHER_SETTINGS.load(name, key="teacher.name")
     return resolve(cls, settings, "teacher.settings")
