@@ -17,11 +17,12 @@ apt:
 	fi
 
 # torch is installed first and pinned so that no dependency pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+# constraints.txt: the development venv's versions (a key is bit-identical within one environment: docs/reliability.md).
+$(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q torch==2.13.0 -e ".[dev,ray]"
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
+	$(BIN)/pip install -q -c constraints.txt torch==2.13.0 -e ".[dev,ray]"
 	touch $(STAMP)
 
 demo: setup
