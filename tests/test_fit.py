@@ -118,8 +118,9 @@ def test_card_sets_the_students_size_and_speed_beside_the_teachers(fitted, capsy
     from tint.fitting import card_items
 
     out = fitted["out"]
-    student_line, teacher_line, ratio = card_items((out / "MODEL_CARD.md").read_text(),
-                                                   "## Size and speed", "## Settings")
+    student_line, teacher_line, ratio, environment = card_items((out / "MODEL_CARD.md").read_text(),
+                                                                "## Size and speed", "## Settings")
+    assert environment.startswith("environment: ") and f"torch {torch.__version__}" in environment
     shipped = torch.jit.load(str(out / "model.pt"))
     parameters = sum(p.numel() for p in shipped.parameters())
     assert student_line.startswith("student (conv4, 32 px): ")

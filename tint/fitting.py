@@ -503,8 +503,19 @@ def footprint_lines(ctx, episode, onnx_path: Path) -> list[str]:
     cfg = ctx.config
     student = student_footprint(load_fitted_student(ctx, episode), onnx_path, cfg.data.resolution)
     teacher = teacher_footprint(fitted_teacher(ctx, episode), cfg.data.resolution)
-    return comparison_lines(student, teacher, f"{cfg.students[0].arch}, {cfg.data.resolution} px",
-                            f"{cfg.teacher.name} on {cfg.teacher.backbone}, on {ctx.device}")
+    lines = comparison_lines(student, teacher, f"{cfg.students[0].arch}, {cfg.data.resolution} px",
+                             f"{cfg.teacher.name} on {cfg.teacher.backbone}, on {ctx.device}")
+    return lines + [environment_line()]
+
+
+def environment_line() -> str:
+    """Where the card's timings were taken and the model was trained (a retrain elsewhere
+    may round differently: docs/reliability.md, "Same key, same environment")."""
+    from tint.engine import environment
+
+    env = environment()
+    return (f"environment: {env['cpu'] or env['machine']}, Python {env['python']}, torch {env['torch']}, "
+            f"onnxruntime {env['onnxruntime']}, numpy {env['numpy']}, Pillow {env['pillow']}")
 
 
 def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
