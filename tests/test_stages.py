@@ -16,7 +16,16 @@ from tint.data.fashion_mnist import DEFAULT_ROOT as FASHION_MNIST
 from tint.engine import stable_hash
 from tint.pipeline import run_pipeline
 from tint.stage_bodies import distill_config, make_context, prepare
-from tint.stages import STAGES, TABLE, default_gpus, locate, plan_units, timed_stages, unit_done
+from tint.stages import (
+    STAGES,
+    TABLE,
+    Unit,
+    default_gpus,
+    locate,
+    plan_units,
+    timed_stages,
+    unit_done,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -184,3 +193,32 @@ def test_asking_about_a_student_without_synthetic_images_generates_nothing(finis
     by_id = {u.id: u for u in plan_units(ctx, episodes)}
     assert not unit_done(ctx, episodes, by_id["distill/ep000/s00"])
     assert computed == ["prepare"]
+
+
+def test_a_base_pretrained_student_starts_from_the_base_classifiers_features(finished, tmp_path):
+    """distill.base_init_steps: the student's step-0 backbone is the one trained on the base
+    classes' true labels (saved under base-init/), its head is fresh, and its key is new
+    while a student without the option keeps the key it had."""
+    from tint.io import load_tensors
+
+    config, _ = finished
+    at_start: dict[str, dict[str, torch.Tensor]] = {}
+
+    def keep(label: str, student: torch.nn.Module) -> None:
+        at_start[label] = {k: v.clone() for k, v in student.state_dict().items()}
+
+    pretrained = replace(config, run_dir=str(tmp_path / "pre"), students=config.students[:1],
+                         distill=replace(config.distill, repeats=1, base_init_steps=3))
+    run_pipeline(pretrained, hooks={"student-init": keep})
+    ctx = make_context(pretrained)
+    episodes = prepare(ctx)
+    folder, key = locate(ctx, episodes[0], Unit("distill", 0, 0, 0))
+    assert key["distill"]["base_init_steps"] == 3
+    base, _ = load_tensors(folder / "base-init" / "student.safetensors")
+    start = at_start["ep000/without-synthetic"]
+    backbone = {k: v for k, v in start.items() if k.startswith("backbone.")}
+    assert backbone and all(torch.equal(v, base[k]) for k, v in backbone.items())
+    assert base["head.weight"].shape[0] > start["head.weight"].shape[0]  # base classes vs episode
+    plain = make_context(replace(config, run_dir=str(tmp_path / "plain")))
+    plain_key = locate(plain, prepare(plain)[0], Unit("distill", 0, 0, 0))[1]
+    assert "base_init_steps" not in plain_key["distill"]

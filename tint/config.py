@@ -432,7 +432,7 @@ DISTILL_RANGES = {
     "lr_drop_at": NON_NEGATIVE, "lr_drop_factor": Range(0, 1, low_open=True),
     "eval_every": AT_LEAST_ONE, "checkpoint_every": AT_LEAST_ONE, "log_every": AT_LEAST_ONE,
     "repeats": AT_LEAST_ONE, "mix_alpha": POSITIVE, "teacher_size": AT_LEAST_ONE,
-    "warmup": NON_NEGATIVE,
+    "warmup": NON_NEGATIVE, "base_init_steps": NON_NEGATIVE,
 }
 
 

@@ -566,6 +566,8 @@ def distill(ctx: RunContext, episode: EpisodeData, s: int, repeat: int, folder: 
     sources = _distill_sources(ctx, episode, config.sources, labels, synthetic)
     query = _query_tensor(ctx, episode)
     student = create_student(student_cfg.arch, episode.n_way, image_size=ctx.config.data.resolution)
+    if config.base_init_steps:
+        pretrain_on_base_classes(ctx, student, student_cfg.arch, config, folder / "base-init")
     if "student-init" in ctx.hooks:  # tests read the weights before the first step
         ctx.hooks["student-init"](label, student)
     online = online_teacher(ctx, episode, teacher, config.teacher_size) if config.consistent else None
@@ -579,6 +581,29 @@ def distill(ctx: RunContext, episode: EpisodeData, s: int, repeat: int, folder: 
     )
     curve = [[e["step"], e["accuracy"]] for e in result.history if "accuracy" in e]
     return {"weights": result.final_path.name, "curve": curve}
+
+
+def pretrain_on_base_classes(ctx: RunContext, student: torch.nn.Module, arch: str, config,
+                             folder: Path) -> None:
+    """Give `student` the features of a classifier of the base classes, trained on their true
+    labels (`distill.base_init_steps` steps, the distillation's optimiser, batch and
+    augmentation, lr drop at 3/4), so that distillation starts from features of clip-art
+    classes instead of random ones. Resumable from `folder`'s own checkpoints."""
+    from tint.students import create_student
+    from tint.students.distill import DistillSource
+    from tint.students.distill import distill as distill_loop
+
+    items = select_base_items(ctx)
+    names = sorted({ctx.dataset.class_of(item) for item in items})
+    labels = torch.tensor([names.index(ctx.dataset.class_of(item)) for item in items])
+    base = create_student(arch, len(names), image_size=ctx.config.data.resolution)
+    steps = config.base_init_steps
+    settings = replace(config, sources=("support",), iterations=steps, lr_drop_at=(3 * steps) // 4,
+                       recipe="paper", eval_every=steps, checkpoint_every=max(steps // 4, 1),
+                       seed=stage_seed(config.seed, "base-init", arch) % (2**31))
+    distill_loop(base, {"support": DistillSource(labels, images=_base_tensor(ctx))}, settings, folder,
+                 progress=True, student_meta={"arch": arch, "num_classes": len(names), "classes": names})
+    student.backbone.load_state_dict(base.backbone.state_dict())
 
 
 def student_label(ctx: RunContext, episode: EpisodeData, s: int, repeat: int = 0) -> str:

@@ -105,6 +105,10 @@ class DistillConfig:
     # trained with it, not exported) and the teacher's on the same views: many more numbers
     # per image than N class probabilities (FitNets-style feature matching); 0: off
     feature_weight: float = 0.0
+    # Steps of supervised training on the base classes' true labels (a classifier over the
+    # base classes, same optimiser and augmentation) before distillation starts from its
+    # features with a fresh head; 0: distil from random initial weights (either recipe).
+    base_init_steps: int = 0
 
     def __post_init__(self) -> None:
         self.sources = tuple(self.sources)
@@ -131,6 +135,9 @@ class DistillConfig:
             raise TintError(f"distill.warmup must be >= 0, got {self.warmup}")
         if self.feature_weight < 0:
             raise TintError(f"distill.feature_weight must be >= 0, got {self.feature_weight}")
+        if self.base_init_steps < 0:
+            raise TintError(f"distill.base_init_steps must be >= 0 (0: random initial weights), "
+                            f"got {self.base_init_steps}")
 
     @property
     def consistent(self) -> bool:
@@ -406,6 +413,8 @@ def trajectory_settings(config: DistillConfig) -> dict:
     if not config.consistent:
         for key in CONSISTENT_ONLY:
             fields.pop(key)
+    if not config.base_init_steps:  # random initial weights: the key it had before the option
+        fields.pop("base_init_steps")
     return fields
 
 
