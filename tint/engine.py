@@ -17,6 +17,7 @@ stages on a resume cannot change the random numbers the remaining ones draw.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -163,6 +164,12 @@ def environment() -> dict[str, Any]:
     installs (image decoding, kernels) grow over hundreds of SGD steps, so the same key can
     give another student elsewhere. Each marker records this to make such a difference visible.
     """
+    return {**installed_environment(), "torch_threads": torch.get_num_threads()}
+
+
+@functools.cache
+def installed_environment() -> dict[str, Any]:
+    """The part of `environment` that cannot change within a process (looked up once)."""
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
@@ -173,7 +180,7 @@ def environment() -> dict[str, Any]:
         except PackageNotFoundError:
             packages[name] = None
     return {"python": platform.python_version(), **packages, "machine": platform.machine(),
-            "cpu": cpu_model(), "torch_threads": torch.get_num_threads()}
+            "cpu": cpu_model()}
 
 
 def cpu_model() -> str | None:

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from tint.students.models import count_parameters
+
 WARMUP = 3
 REPEATS = 20
 
@@ -61,8 +63,7 @@ def student_footprint(student: nn.Module, onnx_path: Path, resolution: int) -> F
     name = session.get_inputs()[0].name
     image = np.random.default_rng(0).random((1, 3, resolution, resolution), dtype=np.float32)
     ms = median_ms(lambda: session.run(None, {name: image}))
-    parameters = sum(p.numel() for p in student.parameters())
-    return Footprint(parameters, onnx_path.stat().st_size / 1e6, ms)
+    return Footprint(count_parameters(student), onnx_path.stat().st_size / 1e6, ms)
 
 
 def teacher_network(teacher) -> nn.Module:
@@ -83,8 +84,7 @@ def teacher_footprint(teacher, resolution: int) -> Footprint:
     finally:
         torch.set_num_threads(threads)
     network = teacher_network(teacher)
-    parameters = sum(p.numel() for p in network.parameters())
-    return Footprint(parameters, weight_bytes(network) / 1e6, ms)
+    return Footprint(count_parameters(network), weight_bytes(network) / 1e6, ms)
 
 
 def comparison_lines(student: Footprint, teacher: Footprint, student_what: str,

@@ -593,9 +593,9 @@ def pretrain_on_base_classes(ctx: RunContext, student: torch.nn.Module, arch: st
     from tint.students.distill import DistillSource
     from tint.students.distill import distill as distill_loop
 
-    items = select_base_items(ctx)
-    names = sorted({ctx.dataset.class_of(item) for item in items})
-    labels = torch.tensor([names.index(ctx.dataset.class_of(item)) for item in items])
+    classes = [ctx.dataset.class_of(item) for item in select_base_items(ctx)]
+    names = sorted(set(classes))
+    labels = torch.tensor([names.index(name) for name in classes])
     base = create_student(arch, len(names), image_size=ctx.config.data.resolution)
     steps = config.base_init_steps
     settings = replace(config, sources=("support",), iterations=steps, lr_drop_at=(3 * steps) // 4,
